@@ -1,0 +1,5 @@
+"""``python -m hamacho`` runs the CLI."""
+
+from hamacho.cli import main
+
+main()

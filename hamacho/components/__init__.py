@@ -1,0 +1,1 @@
+"""Shared building blocks handed to every model plugin."""

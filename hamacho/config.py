@@ -1,0 +1,202 @@
+"""Run configuration: typed dataclass defaults, plugin YAML, user YAML and ``--set`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hamacho.components.data import DataConfig
+from hamacho.errors import ConfigError
+
+
+@dataclass
+class TilerConfig:
+    """Split large images into tiles before the model sees them (off when tile_size is 0)."""
+
+    tile_size: int = 0
+    stride: int | None = None
+
+
+@dataclass
+class ThresholdConfig:
+    """How the decision threshold is derived from held-out good training images."""
+
+    method: str = "percentile"  # percentile | sigma
+    value: float = 99.0  # the percentile, or k in mean + k * std
+    holdout: float = 0.1  # fraction of train/good kept out of fit to set the threshold
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """The fully resolved configuration of one run."""
+
+    model: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    tiler: TilerConfig = field(default_factory=TilerConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    explicit: frozenset[str] = frozenset()  # dotted keys the user set (--config / --set)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of every section (what is saved with a run)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS = ("model", "data", "tiler", "threshold", "run")
+
+
+def resolve(
+    model_config_cls: type,
+    layers: list[dict[str, Any]] | None = None,
+    explicit_layers: list[dict[str, Any]] | None = None,
+) -> Config:
+    """Build a Config from dataclass defaults overlaid by each mapping in order.
+
+    ``layers`` are defaults (e.g. the plugin's config.yaml); ``explicit_layers`` come from the
+    user and are remembered in ``Config.explicit``.
+    """
+    config = Config(model=model_config_cls())
+    explicit: set[str] = set()
+    for mapping in layers or []:
+        _apply(config, mapping, explicit=None)
+    for mapping in explicit_layers or []:
+        _apply(config, mapping, explicit=explicit)
+    config.explicit = frozenset(explicit)
+    return config
+
+
+def apply(config: Config, mapping: dict[str, Any], explicit: bool = False) -> None:
+    """Overlay ``mapping`` (sections of keys) onto ``config`` in place, with type checks."""
+    keys: set[str] = set(config.explicit)
+    _apply(config, mapping, explicit=keys if explicit else None)
+    config.explicit = frozenset(keys)
+
+
+def from_dict(model_config_cls: type, data: dict[str, Any]) -> Config:
+    """Rebuild a saved config (e.g. from an artifact)."""
+    return resolve(model_config_cls, [data])
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML override file: a mapping of sections to mappings."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of sections ({_valid()})")
+    return data
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["model.k=5", "data.batch_size=8"]`` into nested sections; values are YAML."""
+    result: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. model.backbone=resnet18"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        result.setdefault(section, {})[name] = value
+    return result
+
+
+def _valid() -> str:
+    return ", ".join(SECTIONS)
+
+
+def _apply(config: Config, mapping: dict[str, Any], explicit: set[str] | None) -> None:
+    for section, values in mapping.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}. Valid sections: {_valid()}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
+        target = getattr(config, section)
+        hints = typing.get_type_hints(type(target))
+        names = [f.name for f in dataclasses.fields(target)]
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}'. Valid keys in {section}: "
+                    + ", ".join(names)
+                )
+            setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+            if explicit is not None:
+                explicit.add(f"{section}.{key}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint, converting where it is lossless (int -> float)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"{key} cannot be {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set model.layers=layer2` means one layer
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, inner, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be text, got {value!r}")
+    if typing.get_origin(hint) is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        valid = ", ".join(map(str, typing.get_args(hint)))
+        raise ConfigError(f"{key} must be one of {valid}, got {value!r}")
+    return value

@@ -1,0 +1,96 @@
+"""The model contract every plugin implements, and the components handed to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Prediction:
+    """What ``Model.predict`` returns: one score and one anomaly map per image."""
+
+    scores: torch.Tensor  # (B,)
+    maps: torch.Tensor  # (B, H, W), at the input resolution
+
+
+@dataclass
+class Components:
+    """Shared building blocks set up by the core for one run and handed to each model.
+
+    The factories bind the run's device, so a model writes
+    ``components.feature_aggregator("resnet18", ["layer2"])``.
+    """
+
+    device: torch.device
+    feature_aggregator: Callable[..., Any]
+    search: Callable[..., Any]
+    sampler: Callable[..., Any]
+    anomaly_map: Callable[..., Any]
+    tiler: Any = None
+    metrics: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoConfig:
+    """Config of a model that has no settings."""
+
+
+class Model:
+    """Base class of every hamacho model (PatchCore, PaDiM, third-party plugins).
+
+    Subclasses set ``name``, ``summary`` and ``Config`` and implement ``fit``, ``predict``,
+    ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    # model-section overrides used when the default backbone's ImageNet weights cannot be had
+    # offline and the user did not choose a backbone (e.g. a backbone with bundled weights).
+    offline_fallback: ClassVar[dict[str, Any]] = {}
+    # model-section overrides that make the model tiny, for the contract test.
+    test_overrides: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: Any, components: Components) -> None:
+        self.config = config
+        self.components = components
+
+    def fit(self, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Learn normality in one pass over batches ``{"image": (B, 3, H, W), ...}``."""
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score a normalised batch (B, 3, H, W)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything ``load_state_dict`` needs, as tensors only."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+        raise NotImplementedError
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) the input images must be normalised with (default: ImageNet's)."""
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    def info(self) -> dict[str, Any]:
+        """Model-specific facts for ``train.json`` (sizes, backbone identity, ...)."""
+        return {}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict."""
+    return dataclasses.asdict(config)
