@@ -1,0 +1,467 @@
+"""Find dataset images, decode them to RGB and turn them into normalised tensors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from hamacho.errors import ConfigError, DataError, HamachoError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+_GOOD_LABELS = frozenset({"good", "normal", "ok", "0"})
+_LAYOUTS = (
+    "expected an MVTec AD category (train/good/*.png, test/<good|defect>/*.png, "
+    "ground_truth/<defect>/<stem>_mask.png), a folder of good images, "
+    "or a CSV file list (path,label[,mask[,split]])"
+)
+_SKIP_HINT = "Replace or remove it, or set data.skip_bad=true"
+
+
+@dataclass
+class DataConfig:
+    """The `data:` config section: image sizes, normalisation and loading options."""
+
+    image_size: int = 256
+    crop_size: int | None = 224
+    mean: list[float] | None = None  # None: the backbone's
+    std: list[float] | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square tensors the dataset yields (crop_size, else image_size)."""
+        return self.crop_size if self.crop_size is not None else self.image_size
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot work."""
+        minimum = {"image_size": 1, "batch_size": 1, "num_workers": 0, "crop_size": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value is None and name == "crop_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{name}={value!r} must be an integer >= {low}")
+        crop = self.crop_size
+        if crop is not None and crop > self.image_size:
+            raise ConfigError(
+                f"data.crop_size={crop} is larger than data.image_size={self.image_size}; "
+                f"set data.crop_size <= {self.image_size} or null"
+            )
+        _check_stats(self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset split: label 0 good / 1 defect, defect type, optional mask."""
+
+    path: Path
+    label: int
+    defect: str = "good"
+    mask: Path | None = None
+
+
+def find_samples(root: str | Path, split: str, *, skip_bad: bool = False) -> list[Sample]:
+    """List the `split` ("train" | "test") samples of a dataset, sorted by path.
+
+    Layouts: an MVTec AD category folder; a plain folder of good images (train only); a CSV
+    file list `path,label[,mask[,split]]` (header optional; labels good/normal/ok/0 are good,
+    1 is defect "defect", any other text is the defect type; relative paths are resolved
+    against the CSV's folder). Without a split column a CSV's train split is its good rows
+    and its test split is all rows. Missing masks or CSV files raise DataError unless
+    `skip_bad`, in which case they are kept for ImageDataset to drop and report.
+    """
+    if split not in ("train", "test"):
+        raise ConfigError(f"split={split!r} is not valid; use 'train' or 'test'")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset '{root}' does not exist; {_LAYOUTS}")
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return _csv_samples(root, split, skip_bad)
+        raise DataError(f"dataset '{root}' is a file but not a .csv file list; {_LAYOUTS}")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return _mvtec_samples(root, split, skip_bad)
+    images = _list_images(root)
+    if not images:
+        raise DataError(_empty_message(root))
+    if split == "test":
+        raise DataError(
+            f"folder '{root}' is a plain folder of good images and has no test split; "
+            f"to test, use an MVTec AD category ({root}/test/<good|defect>/*.png with "
+            "ground_truth/<defect>/<stem>_mask.png) or a CSV file list with labels"
+        )
+    return [Sample(path, 0) for path in images]
+
+
+def _list_images(folder: Path) -> list[Path]:
+    # Hidden files are skipped: macOS archives ship "._000.png" resource forks.
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _empty_message(root: Path) -> str:
+    categories = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
+    if categories:
+        shown = ", ".join(categories[:5]) + (", ..." if len(categories) > 5 else "")
+        return f"folder '{root}' holds several categories ({shown}); pass one category folder"
+    return f"folder '{root}' contains no images; {_LAYOUTS}"
+
+
+def _mvtec_samples(root: Path, split: str, skip_bad: bool) -> list[Sample]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(
+            f"dataset '{root}' has no {split}/ folder; expected {split_dir}/<good|defect>/*.png"
+        )
+    if split == "train":
+        good = split_dir / "good"
+        samples = [Sample(p, 0) for p in _list_images(good if good.is_dir() else split_dir)]
+    else:
+        samples = []
+        for sub in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            if sub.name.startswith("."):
+                continue
+            if sub.name.lower() == "good":
+                samples += [Sample(p, 0, sub.name) for p in _list_images(sub)]
+                continue
+            masks = _mask_finder(root / "ground_truth" / sub.name)
+            for path in _list_images(sub):
+                samples.append(Sample(path, 1, sub.name, masks(path, skip_bad)))
+    if not samples:
+        raise DataError(f"folder '{split_dir}' contains no images; {_LAYOUTS}")
+    return samples
+
+
+def _mask_finder(gt_dir: Path):
+    """Return `find(image, skip_bad) -> mask path | None` for one defect type."""
+    index = {p.stem: p for p in _list_images(gt_dir)} if gt_dir.is_dir() else None
+
+    def find(image: Path, skip_bad: bool) -> Path | None:
+        if index is None:  # no ground truth for this defect type: image-level labels only
+            return None
+        found = index.get(f"{image.stem}_mask") or index.get(image.stem)
+        if found is not None:
+            return found
+        expected = gt_dir / f"{image.stem}_mask.png"
+        if not skip_bad:
+            raise DataError(
+                f"missing mask '{expected}' for defective image '{image}'; add the mask, "
+                "remove the image, or set data.skip_bad=true"
+            )
+        return expected  # ImageDataset drops it (and reports it) when skip_bad
+
+    return find
+
+
+def _csv_samples(csv_path: Path, split: str, skip_bad: bool) -> list[Sample]:
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read CSV file list '{csv_path}': {exc}") from exc
+    reader = csv.reader(io.StringIO(text))
+    rows = [
+        (reader.line_num, cells)
+        for cells in ([c.strip() for c in raw] for raw in reader)
+        if any(cells) and not cells[0].startswith("#")
+    ]
+    columns = ["path", "label", "mask", "split"]
+    if rows and "path" in (c.lower() for c in rows[0][1]):
+        columns = [c.lower() for c in rows.pop(0)[1]]
+        if set(columns) - {"path", "label", "mask", "split"} or "label" not in columns:
+            raise DataError(f"CSV file list '{csv_path}': header must be path,label[,mask][,split]")
+    samples = []
+    for line, cells in rows:
+        where = f"CSV file list '{csv_path}' line {line}"
+        if not 2 <= len(cells) <= len(columns):
+            raise DataError(f"{where}: expected path,label[,mask[,split]], got {len(cells)} cells")
+        row = dict(zip(columns, cells, strict=False))
+        sample, row_split = _csv_row(row, csv_path.parent, where, skip_bad)
+        if row_split == split or (row_split is None and (split == "test" or sample.label == 0)):
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"CSV file list '{csv_path}' has no {split} rows; {_LAYOUTS}")
+    return samples
+
+
+def _csv_row(row: dict, base: Path, where: str, skip_bad: bool) -> tuple[Sample, str | None]:
+    if not row.get("path") or not row.get("label"):
+        raise DataError(f"{where}: the path and label cells must not be empty")
+    path = base / Path(row["path"]).expanduser()
+    mask = base / Path(row["mask"]).expanduser() if row.get("mask") else None
+    label = row["label"]
+    if label.lower() in _GOOD_LABELS:
+        sample = Sample(path, 0, "good", mask)
+    else:
+        sample = Sample(path, 1, "defect" if label == "1" else label, mask)
+    row_split = row.get("split", "").lower() or None
+    if row_split not in (None, "train", "test"):
+        raise DataError(f"{where}: split must be train or test, got {row['split']!r}")
+    if row_split == "train" and sample.label == 1:
+        raise DataError(f"{where}: defective image in the train split; train on good images only")
+    for kind, file in (("image", path), ("mask", mask)):
+        if file is not None and not skip_bad and not file.is_file():
+            raise DataError(f"{where}: {kind} '{file}' does not exist; fix the path or the row")
+    return sample, row_split
+
+
+def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"data.{name}={list(values)} must have 3 values (R, G, B)")
+    if std is not None and min(std) <= 0:
+        raise ConfigError(f"data.std={list(std)} must be positive")
+
+
+def _open(
+    path: str | Path, what: str, draft: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Fully decode `path` (so corrupt files fail here); return it and its stored size."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+            if draft is not None and img.format == "JPEG":
+                img.draft(None, (draft, draft))  # DCT-domain downscale: much faster decode
+            img.load()
+            return (img if what == "mask" else _to_rgb(img)), size
+    except FileNotFoundError:
+        reason = "file does not exist"
+    except UnidentifiedImageError:
+        reason = "not a recognised image format"
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+    raise DataError(f"cannot read {what} '{path}': {reason}. {_SKIP_HINT}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # Scale the 16-bit range onto 8 bits (PIL's own convert would clip to white).
+        values = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if img.mode == "F" and values.max(initial=0.0) <= 1.0 else 1 / 257
+        img = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # honours palette transparency before alpha is dropped
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode an image as 8-bit RGB (grey, alpha, palette and 16-bit images included)."""
+    return _open(path, "image")[0]
+
+
+class _Transform:
+    """Square resize, centre crop and normalisation shared by images and masks."""
+
+    def __init__(
+        self, config: DataConfig, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> None:
+        config.validate()
+        mean = config.mean if config.mean is not None else mean
+        std = config.std if config.std is not None else std
+        if mean is None or std is None:
+            raise ConfigError("no normalisation mean/std: pass the backbone's or set data.mean/std")
+        _check_stats(mean, std)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.size = config.image_size
+        out = config.output_size
+        left = int(round((self.size - out) / 2))  # same offset as torchvision's center_crop
+        self.box = (left, left, left + out, left + out)
+        # (x / 255 - mean) / std folded into one multiply-add per channel. The maths runs in
+        # NumPy: torch's intra-op thread pool makes these tiny ops slow on a busy CPU.
+        mean_a, std_a = np.array(self.mean, np.float32), np.array(self.std, np.float32)
+        self._scale, self._shift = 1 / (255 * std_a), -mean_a / std_a
+        self.out = out
+
+    def _fit(self, img: Image.Image, resample: Image.Resampling) -> np.ndarray:
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), resample)  # PIL widens the filter: antialiased
+        if self.out != self.size:
+            img = img.crop(self.box)
+        return np.array(img)
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) float32 normalised."""
+        pixels = self._fit(img, Image.Resampling.BILINEAR)  # (S, S, 3) uint8
+        normalised = pixels.astype(np.float32) * self._scale + self._shift
+        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+    def mask(self, img: Image.Image) -> torch.Tensor:
+        """Mask PIL image of any mode -> (1, S, S) float32 in {0, 1}; non-zero is defect."""
+        values = np.asarray(img)
+        if values.ndim == 3:  # colour masks: any non-zero colour channel; alpha is ignored
+            values = values[..., :3].any(axis=2) if values.shape[2] >= 3 else values[..., 0]
+        binary = Image.fromarray((values != 0).astype(np.uint8) * 255)
+        binary = self._fit(binary, Image.Resampling.NEAREST) > 0
+        return torch.from_numpy(binary[None].astype(np.float32))
+
+    def empty_mask(self) -> torch.Tensor:
+        """(1, S, S) zeros for samples without a mask."""
+        return torch.from_numpy(np.zeros((1, self.out, self.out), dtype=np.float32))
+
+
+class ImageDataset(Dataset):
+    """Samples as dicts: image (3,S,S), mask (1,S,S) {0,1}, label, path, defect.
+
+    `mean`/`std` are the backbone's; `config.mean`/`config.std` override them when set.
+    With `config.skip_bad`, unreadable samples are dropped up front and listed in `skipped`
+    as (path, reason); otherwise the first access to one raises DataError.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        config: DataConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        self.config = config
+        self._transform = _Transform(config, mean, std)
+        self.mean, self.std = self._transform.mean, self._transform.std
+        self.skipped: list[tuple[Path, str]] = []
+        self.samples = list(samples)
+        if config.skip_bad and self.samples:
+            self.samples = self._drop_bad(self.samples)
+
+    def _drop_bad(self, samples: list[Sample]) -> list[Sample]:
+        def check(sample: Sample) -> str | None:
+            try:
+                self._load(sample)
+            except DataError as exc:
+                return str(exc)
+            return None
+
+        # Decoding releases the GIL, so threads overlap it.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(check, samples))
+        kept = [s for s, reason in zip(samples, reasons, strict=True) if reason is None]
+        self.skipped = [(s.path, r) for s, r in zip(samples, reasons, strict=True) if r is not None]
+        if not kept:
+            raise DataError(f"all {len(samples)} images are unusable; first: {self.skipped[0][1]}")
+        if self.skipped:
+            logger.warning(
+                "skipped %d of %d images (data.skip_bad=true); first: %s",
+                len(self.skipped),
+                len(samples),
+                self.skipped[0][1],
+            )
+        return kept
+
+    def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        image, size = _open(sample.path, "image", draft=self._transform.size)
+        if sample.mask is None:
+            return self._transform.image(image), self._transform.empty_mask()
+        mask, mask_size = _open(sample.mask, "mask")
+        if mask_size != size:
+            raise DataError(
+                f"mask '{sample.mask}' is {mask_size[0]}x{mask_size[1]} but image "
+                f"'{sample.path}' is {size[0]}x{size[1]}; they must match. {_SKIP_HINT}"
+            )
+        return self._transform.image(image), self._transform.mask(mask)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image, mask = self._load(sample)
+        return {
+            "image": image,
+            "mask": mask,
+            "label": sample.label,
+            "path": str(sample.path),
+            "defect": sample.defect,
+        }
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """Batch a dataset with the default collate; `seed` fixes the shuffle order."""
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size} must be a positive integer")
+    return _Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=_collate if num_workers == 0 else None,  # workers: shared-memory default
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
+
+
+class _Loader(DataLoader):
+    """DataLoader whose worker errors keep hamacho's one-line message."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except HamachoError as exc:
+                # A worker re-raises as "Caught DataError in DataLoader worker ..." + traceback,
+                # whose last line is "<module>.DataError: <original message>".
+                lines = str(exc).strip().splitlines()
+                if self.num_workers == 0 or not lines[0].startswith("Caught "):
+                    raise
+                raise type(exc)(lines[-1].split(": ", 1)[-1]) from None
+            yield batch
+
+
+def _collate(items: list[Any]) -> Any:
+    """default_collate's result, but stacking in NumPy.
+
+    torch.stack runs on the intra-op thread pool, which is ~7x slower than NumPy for these
+    copies when the CPU is busy (measured: 25 images, 0.94 s vs 0.14 s on 2 loaded cores).
+    """
+    if not isinstance(items[0], dict):
+        return default_collate(items)
+    batch = {}
+    for key, first in items[0].items():
+        values = [item[key] for item in items]
+        if isinstance(first, torch.Tensor) and first.dtype == torch.float32 and not first.is_cuda:
+            batch[key] = torch.from_numpy(np.stack([v.numpy() for v in values]))
+        elif isinstance(first, str):
+            batch[key] = values
+        else:
+            batch[key] = default_collate(values)
+    return batch
+
+
+def load_image_tensor(
+    path: str | Path, config: DataConfig, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Load one image exactly as ImageDataset does: (3, S, S) float32 normalised."""
+    transform = _Transform(config, mean, std)
+    return transform.image(_open(path, "image", draft=transform.size)[0])
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo normalisation for display: (3,H,W) or (B,3,H,W) -> (..., H, W, 3) uint8."""
+    values = np.moveaxis(images.detach().float().cpu().numpy(), -3, -1)  # (..., H, W, 3)
+    pixels = (values * np.float32(std) + np.float32(mean)) * 255
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
