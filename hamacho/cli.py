@@ -1,0 +1,170 @@
+"""The ``hamacho`` command line: argument parsing and error printing only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from hamacho.errors import HamachoError
+
+
+class _Group(click.Group):
+    """Prints HamachoError as one line (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HamachoError as exc:
+            if ctx.meta.get("hamacho.debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+class _EchoHandler(logging.Handler):
+    """Sends hamacho's log records (e.g. a plugin's size estimates) to stderr via click."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("hamacho")
+    for handler in [h for h in logger.handlers if isinstance(h, _EchoHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_EchoHandler())
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _echo(ctx: click.Context) -> Any:
+    if ctx.meta.get("hamacho.quiet"):
+        return lambda _msg: None
+    return lambda msg: click.echo(msg, err=True)
+
+
+def _progress(ctx: click.Context) -> bool:
+    return not ctx.meta.get("hamacho.quiet") and sys.stderr.isatty()
+
+
+_RUN_OPTION = click.option(
+    "--run", "run_dir", required=True, type=click.Path(), help="Run directory from train."
+)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes.")
+@click.version_option(package_name="hamacho")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """hamacho: train anomaly models on good parts, find the defective ones."""
+    ctx.meta["hamacho.debug"] = debug
+    ctx.meta["hamacho.quiet"] = quiet
+    _setup_logging(quiet)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the installed models."""
+    from hamacho import engine
+
+    rows = engine.list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    headers = {
+        "name": "MODEL",
+        "distribution": "DISTRIBUTION",
+        "version": "VERSION",
+        "summary": "SUMMARY",
+    }
+    widths = {k: max([len(h)] + [len(r[k]) for r in rows]) for k, h in headers.items()}
+    for row in [headers, *rows]:
+        click.echo("  ".join(row[k].ljust(widths[k]) for k in headers).rstrip())
+
+
+@main.command()
+@click.option(
+    "--model", "-m", "model_name", required=True, help="Model name (see `hamacho models`)."
+)
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset folder (default: built-in).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of overrides.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one setting, e.g. --set model.backbone=resnet18 (repeatable).",
+)
+@click.option(
+    "--output", "-o", type=click.Path(), help="Run directory (default results/MODEL/DATASET)."
+)
+@click.pass_context
+def train(
+    ctx: click.Context,
+    model_name: str,
+    data_dir: str | None,
+    config_file: str | None,
+    overrides: tuple[str, ...],
+    output: str | None,
+) -> None:
+    """Train a model on good images and save it."""
+    from hamacho import engine
+
+    run_dir = engine.train(
+        model_name,
+        data_dir,
+        config_file,
+        overrides,
+        output,
+        progress=_progress(ctx),
+        echo=_echo(ctx),
+    )
+    click.echo(str(run_dir))
+
+
+@main.command()
+@_RUN_OPTION
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset (default: the training one).")
+@click.option("--no-maps", is_flag=True, help="Skip writing heat-map images.")
+@click.pass_context
+def test(ctx: click.Context, run_dir: str, data_dir: str | None, no_maps: bool) -> None:
+    """Evaluate a trained model on the test split."""
+    from hamacho import engine
+
+    result = engine.test(
+        run_dir, data_dir, write_maps=not no_maps, progress=_progress(ctx), echo=_echo(ctx)
+    )
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@_RUN_OPTION
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--maps", "maps_dir", type=click.Path(), help="Write heat-map overlays here.")
+@click.option("--threshold", type=float, help="Override the run's decision threshold.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+def predict(
+    run_dir: str,
+    inputs: tuple[str, ...],
+    maps_dir: str | None,
+    threshold: float | None,
+    batch_size: int,
+) -> None:
+    """Score images (files, folders, globs): one JSON line per image."""
+    from hamacho import engine
+
+    failed = 0
+    for row in engine.predict(run_dir, inputs, maps_dir, threshold, batch_size):
+        if "error" in row:
+            failed += 1
+            click.echo(f"error: {row['path']}: {row['error']}", err=True)
+        click.echo(json.dumps(row))
+    if failed:
+        sys.exit(1)

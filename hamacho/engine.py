@@ -1,0 +1,444 @@
+"""The train / test / predict flows behind the CLI (usable from Python too)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import glob
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import hamacho
+from hamacho import config as config_mod
+from hamacho.components import artifact, data, metrics, synthetic, visualize
+from hamacho.components.features import NetworkFeatureAggregator
+from hamacho.components.maps import AnomalyMapGenerator
+from hamacho.components.sampling import CoresetSampler
+from hamacho.components.search import NearestNeighbourSearch
+from hamacho.components.tiler import Tiler
+from hamacho.config import Config
+from hamacho.errors import ArtifactError, DataError, UnknownModelError, WeightsUnavailableError
+from hamacho.model import Components, Model
+from hamacho.plugins import ModelEntry, get_registry
+
+ARTIFACT = "model.safetensors"
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- set-up ----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_components(cfg: Config) -> Components:
+    """The shared components for one run, bound to its device."""
+    device = resolve_device(cfg.run.device)
+
+    def aggregator(backbone: Any, layers: list[str], **kw: Any) -> NetworkFeatureAggregator:
+        return NetworkFeatureAggregator(backbone, layers, device=device, **kw)
+
+    def search(**kw: Any) -> NearestNeighbourSearch:
+        return NearestNeighbourSearch(device=device, **kw)
+
+    def sampler(**kw: Any) -> CoresetSampler:
+        return CoresetSampler(device=device, **kw)
+
+    tiler = Tiler(cfg.tiler.tile_size, cfg.tiler.stride) if cfg.tiler.tile_size else None
+    return Components(
+        device=device,
+        feature_aggregator=aggregator,
+        search=search,
+        sampler=sampler,
+        anomaly_map=AnomalyMapGenerator,
+        tiler=tiler,
+        metrics=metrics,
+    )
+
+
+def plugin_defaults(cls: type[Model]) -> dict[str, Any]:
+    """The ``config.yaml`` shipped beside a model's module, if any."""
+    package = cls.__module__.rpartition(".")[0] or cls.__module__
+    try:
+        text = files(package).joinpath("config.yaml").read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError, TypeError):
+        return {}
+    return yaml.safe_load(text) or {}
+
+
+def build_config(
+    cls: type[Model], config_file: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """Dataclass defaults <- plugin config.yaml <- ``--config`` file <- ``--set`` overrides."""
+    explicit = []
+    if config_file:
+        explicit.append(config_mod.load_yaml(config_file))
+    explicit.append(config_mod.parse_overrides(list(overrides)))
+    return config_mod.resolve(cls.Config, [plugin_defaults(cls)], explicit)
+
+
+def build_model(entry: ModelEntry, cfg: Config, echo: Echo = _quiet) -> Model:
+    """Construct the model; fall back to its offline backbone if the default one has no weights."""
+    components = make_components(cfg)
+    try:
+        return entry.cls(cfg.model, components)
+    except WeightsUnavailableError as exc:
+        fallback = entry.cls.offline_fallback
+        chosen = {f"model.{key}" for key in ("backbone", "layers", "weights")} & cfg.explicit
+        if not fallback or chosen:
+            raise
+        echo(f"note: {exc}")
+        desc = ", ".join(f"model.{k}={v}" for k, v in fallback.items())
+        echo(f"note: using {desc} instead (set model.backbone to choose another backbone)")
+        config_mod.apply(cfg, {"model": dict(fallback)})
+        return entry.cls(cfg.model, components)
+
+
+def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- train -----------------------------------------------------------------------------------
+def train(
+    model: str,
+    data_dir: str | Path | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    output: str | Path | None = None,
+    progress: bool = False,
+    echo: Echo = _quiet,
+) -> Path:
+    """Fit ``model`` on the good training images of ``data_dir`` and write a run directory."""
+    entry = get_registry().get(model)
+    cfg = build_config(entry.cls, config_file, overrides)
+    torch.manual_seed(cfg.run.seed)
+    root = Path(data_dir) if data_dir else synthetic.default_dataset()
+    samples = data.find_samples(root, "train", skip_bad=cfg.data.skip_bad)
+    fit_samples, held_out = _split_holdout(samples, cfg.threshold.holdout, cfg.run.seed)
+    net = build_model(entry, cfg, echo)
+    mean, std = _normalization(cfg, net)
+    loader = _loader(fit_samples, cfg, mean, std)
+    echo(f"training {model} on {len(fit_samples)} images from {root}")
+    start = time.perf_counter()
+    net.fit(_progress(loader, progress, "fit"))
+    fit_seconds = time.perf_counter() - start
+    threshold = _threshold(net, held_out, cfg, mean, std)
+    run_dir = Path(output) if output else Path("results") / model / root.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = net.info()
+    metadata = {
+        "model": model,
+        "plugin": {"distribution": entry.distribution, "version": entry.version},
+        "hamacho_version": hamacho.__version__,
+        "config": cfg.to_dict(),
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "threshold": threshold,
+        "dataset": str(root.resolve()),
+        "info": info,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    artifact.save_artifact(run_dir / ARTIFACT, net.state_dict(), metadata)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    summary = {
+        "model": model,
+        "dataset": str(root),
+        "fit_seconds": round(fit_seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_images": len(fit_samples),
+        "holdout_images": len(held_out),
+        "skipped_images": len(getattr(loader.dataset, "skipped", [])),
+        "threshold": threshold,
+        **info,
+    }
+    _write_json(run_dir / "train.json", summary)
+    echo(f"fit in {fit_seconds:.1f} s; run saved to {run_dir}")
+    return run_dir
+
+
+def _split_holdout(
+    samples: list[data.Sample], fraction: float, seed: int
+) -> tuple[list[data.Sample], list[data.Sample]]:
+    n_hold = int(round(len(samples) * fraction)) if fraction > 0 else 0
+    if n_hold == 0 or len(samples) - n_hold < 1:
+        return samples, []
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_hold])
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )
+
+
+def _normalization(cfg: Config, net: Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = net.normalization()
+    return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
+
+
+def _loader(samples: list[data.Sample], cfg: Config, mean: Any, std: Any) -> Any:
+    dataset = data.ImageDataset(samples, cfg.data, mean, std)
+    return data.make_loader(dataset, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+
+
+def _threshold(
+    net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any
+) -> dict[str, Any] | None:
+    if not held_out:
+        return None
+    scores = [net.predict(batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)]
+    values = torch.cat(scores).float().cpu().numpy()
+    value = metrics.threshold_from_normal(values, cfg.threshold.method, cfg.threshold.value)
+    return {
+        "value": float(value),
+        "method": cfg.threshold.method,
+        "parameter": cfg.threshold.value,
+        "source": f"{len(held_out)} held-out good training images",
+    }
+
+
+# -- load ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A trained model loaded back from its run directory."""
+
+    model: Model
+    config: Config
+    metadata: dict[str, Any]
+    path: Path
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.metadata["normalization"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.metadata["normalization"]["std"])
+
+    @property
+    def threshold(self) -> float | None:
+        info = self.metadata.get("threshold")
+        return None if not info else float(info["value"])
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Rebuild the model saved in ``run_dir`` (never unpickles)."""
+    run_dir = Path(run_dir)
+    path = run_dir / ARTIFACT if run_dir.is_dir() else run_dir
+    if not path.exists():
+        raise ArtifactError(
+            f"no trained model at '{path}'. Train one with `hamacho train --model NAME`"
+        )
+    tensors, metadata = artifact.load_artifact(path)
+    name = metadata.get("model", "?")
+    try:
+        entry = get_registry().get(name)
+    except UnknownModelError as exc:
+        dist = metadata.get("plugin", {}).get("distribution", "its plugin")
+        raise UnknownModelError(f"{exc}. '{path}' needs {dist}: install it") from None
+    cfg = config_mod.from_dict(entry.cls.Config, metadata["config"])
+    net = entry.cls(cfg.model, make_components(cfg))
+    net.load_state_dict(tensors)
+    saved = metadata.get("info", {}).get("weights")
+    now = net.info().get("weights")
+    if saved and now and saved != now:
+        raise ArtifactError(
+            f"'{path}' was trained with backbone weights {saved} but this machine has {now}. "
+            "Supply the same weights (model.weights) or retrain"
+        )
+    return Run(net, cfg, metadata, path.parent)
+
+
+# -- test ------------------------------------------------------------------------------------
+def test(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    write_maps: bool = True,
+    progress: bool = False,
+    echo: Echo = _quiet,
+) -> dict[str, Any]:
+    """Evaluate a run on its test split; write metrics.json, scores.csv and maps/."""
+    run = load_run(run_dir)
+    root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
+    samples = data.find_samples(root, "test", skip_bad=run.config.data.skip_bad)
+    loader = _loader(samples, run.config, run.mean, run.std)
+    scores, maps, masks, seconds = [], [], [], 0.0
+    images: list[np.ndarray] = []
+    for batch in _progress(loader, progress, "test"):
+        start = time.perf_counter()
+        pred = run.model.predict(batch["image"])
+        seconds += time.perf_counter() - start
+        scores.append(pred.scores.float().cpu())
+        maps.append(pred.maps.float().cpu())
+        masks.append(batch["mask"][:, 0] > 0.5)
+        if write_maps:
+            images.extend(_to_uint8(batch["image"], run.mean, run.std))
+    score = torch.cat(scores).numpy()
+    amap = torch.cat(maps).numpy()
+    mask = torch.cat(masks).numpy()
+    labels = np.array([s.label for s in samples])
+    known = np.array([s.label == 0 or s.mask is not None for s in samples])
+    result = _metrics(labels, score, mask[known], amap[known])
+    threshold = run.threshold
+    result.update(
+        threshold=threshold,
+        threshold_source=(run.metadata.get("threshold") or {}).get("source"),
+        inference_ms_per_image=round(1000 * seconds / max(len(samples), 1), 3),
+        images={"good": int((labels == 0).sum()), "defect": int((labels == 1).sum())},
+        dataset=str(root),
+    )
+    _write_json(run.path / "metrics.json", result)
+    _write_scores(run.path / "scores.csv", samples, score, threshold)
+    if write_maps:
+        _write_maps(run.path / "maps", samples, images, amap, mask, threshold)
+    echo(
+        "image AUROC {image_auroc:.4f}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
+        "ms/image)".format(**result)
+    )
+    return result
+
+
+def _metrics(labels: np.ndarray, score: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> dict:
+    result: dict[str, Any] = {"image_auroc": metrics.image_auroc(labels, score)}
+    f1, f1_threshold = metrics.f1_max(labels, score) if len(set(labels)) > 1 else (None, None)
+    result.update(image_f1_max=f1, image_f1_threshold=f1_threshold)
+    if mask.any():
+        result["pixel_auroc"] = metrics.pixel_auroc(mask, amap)
+        result["aupro"] = metrics.aupro(mask, amap)
+    else:
+        result["pixel_auroc"] = None
+        result["aupro"] = None
+    return {k: (round(float(v), 6) if v is not None else None) for k, v in result.items()}
+
+
+def _to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:
+    return list(data.denormalize(images.cpu(), mean, std))
+
+
+def _write_maps(
+    out: Path,
+    samples: list[data.Sample],
+    images: list[np.ndarray],
+    amap: np.ndarray,
+    mask: np.ndarray,
+    threshold: float | None,
+) -> None:
+    vmin, vmax = float(amap.min()), float(amap.max())
+    for i, sample in enumerate(samples):
+        panel = visualize.overlay_panel(
+            images[i], amap[i], mask[i] if sample.mask else None, threshold, vmin=vmin, vmax=vmax
+        )
+        visualize.save_png(out / sample.defect / f"{sample.path.stem}.png", panel)
+
+
+def _write_scores(
+    path: Path, samples: list[data.Sample], score: np.ndarray, threshold: float | None
+) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "defect", "score", "prediction"])
+        for sample, value in zip(samples, score, strict=True):
+            pred = "" if threshold is None else int(value >= threshold)
+            writer.writerow([sample.path, sample.label, sample.defect, f"{value:.6f}", pred])
+
+
+# -- predict ---------------------------------------------------------------------------------
+def expand_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
+    """Files, folders (recursively) and globs -> image paths; unmatched inputs yield None."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True))
+        if not found:
+            yield item, None
+        for p in found:
+            yield item, p
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: Iterable[str],
+    maps_dir: str | Path | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+) -> Iterator[dict[str, Any]]:
+    """Score image files; yield one dict per image (an ``error`` key where it failed)."""
+    run = load_run(run_dir)
+    limit = run.threshold if threshold is None else threshold
+    pending: list[tuple[Path, torch.Tensor]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        batch = torch.stack([t for _, t in pending])
+        pred = run.model.predict(batch)
+        for i, (path, _) in enumerate(pending):
+            value = float(pred.scores[i])
+            row = {"path": str(path), "score": round(value, 6), "threshold": limit}
+            row["is_anomalous"] = None if limit is None else bool(value >= limit)
+            if maps_dir:
+                image = _to_uint8(batch[i : i + 1], run.mean, run.std)[0]
+                panel = visualize.overlay_panel(image, pred.maps[i].cpu().numpy(), None, limit)
+                out = Path(maps_dir) / f"{path.stem}.png"
+                visualize.save_png(out, panel)
+                row["map"] = str(out)
+            yield row
+        pending.clear()
+
+    for item, path in expand_inputs(inputs):
+        if path is None:
+            yield {"path": item, "error": "no such file, folder or matching image"}
+            continue
+        try:
+            tensor = data.load_image_tensor(path, run.config.data, run.mean, run.std)
+        except DataError as exc:
+            yield {"path": str(path), "error": str(exc)}
+            continue
+        pending.append((path, tensor))
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def list_models() -> list[dict[str, str]]:
+    """Rows for ``hamacho models``."""
+    return [
+        {
+            "name": e.name,
+            "distribution": e.distribution,
+            "version": e.version,
+            "summary": e.cls.summary,
+        }
+        for e in get_registry().models().values()
+    ]

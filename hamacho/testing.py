@@ -1,0 +1,87 @@
+"""Pytest helpers for plugin authors, loaded automatically through the ``pytest11`` entry point.
+
+``register_plugin(module_or_object, name=...)`` registers a throwaway plugin in the process-wide
+registry for one test and removes it afterwards::
+
+    def test_my_model(register_plugin):
+        register_plugin(my_plugin_module)
+        assert "mymodel" in hamacho.plugins.get_registry().models()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from hamacho.plugins import get_registry
+
+
+@pytest.fixture
+def register_plugin() -> Iterator[Callable[..., Any]]:
+    """Register plugins for the duration of one test; unregistered in ``finally``."""
+    registry = get_registry()
+    names: list[str] = []
+
+    def _register(plugin: object, name: str | None = None, distribution: str = "") -> Any:
+        name = name or getattr(plugin, "__name__", None) or f"inline-{id(plugin)}"
+        registry.register(plugin, name, distribution=distribution)
+        names.append(name)
+        return plugin
+
+    try:
+        yield _register
+    finally:
+        for name in reversed(names):
+            if registry.pm.has_plugin(name):
+                registry.unregister(name)
+
+
+def assert_model_contract(
+    model_cls: type, data_root: Any, overrides: dict[str, Any] | None = None
+) -> None:
+    """Run ``model_cls`` through fit -> predict -> save -> load -> predict and check the results.
+
+    ``data_root`` is an MVTec-layout folder (``hamacho.components.synthetic`` makes one);
+    ``overrides`` are config sections on top of the model's ``test_overrides``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from hamacho import config as config_mod
+    from hamacho.components import artifact, data
+    from hamacho.engine import make_components
+    from hamacho.model import Prediction
+
+    layers = [
+        {"model": dict(model_cls.test_overrides)},
+        {"data": {"image_size": 64, "crop_size": None, "batch_size": 4}},
+        overrides or {},
+    ]
+    cfg = config_mod.resolve(model_cls.Config, layers)
+    model = model_cls(cfg.model, make_components(cfg))
+    mean, std = model.normalization()
+    train = data.ImageDataset(data.find_samples(Path(data_root), "train"), cfg.data, mean, std)
+    model.fit(data.make_loader(train, cfg.data.batch_size))
+    test = data.ImageDataset(data.find_samples(Path(data_root), "test"), cfg.data, mean, std)
+    images = torch.stack([test[i]["image"] for i in range(min(len(test), 6))])
+    first = model.predict(images)
+    assert isinstance(first, Prediction), "predict must return hamacho.Prediction"
+    b, _, h, w = images.shape
+    assert first.scores.shape == (b,), f"scores shape {tuple(first.scores.shape)} != ({b},)"
+    assert first.maps.shape == (b, h, w), f"maps shape {tuple(first.maps.shape)} != {(b, h, w)}"
+    assert torch.isfinite(first.scores).all() and torch.isfinite(first.maps).all()
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values()), "state_dict: tensors only"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        artifact.save_artifact(path, state, {"model": model_cls.name})
+        tensors, _ = artifact.load_artifact(path)
+    again = model_cls(cfg.model, make_components(cfg))
+    again.load_state_dict(tensors)
+    second = again.predict(images)
+    torch.testing.assert_close(second.scores, first.scores)
+    torch.testing.assert_close(second.maps, first.maps)
