@@ -1,0 +1,185 @@
+"""PatchCore: a coreset memory bank of normal patch features, scored by nearest neighbour."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hamacho import Components, Model, Prediction
+from hamacho.errors import ConfigError
+from hamacho_patchcore.torch_model import PatchEmbedder, reweighted_scores
+
+log = logging.getLogger("hamacho.patchcore")
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class PatchCoreConfig:
+    """PatchCore settings (defaults: the paper's); see config.yaml for what each does."""
+
+    backbone: str = "wide_resnet50_2"
+    layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
+    weights: str = "imagenet"
+    patch_size: int = 3
+    pretrain_embed_dim: int = 1024
+    embedding_dim: int = 1024
+    coreset_ratio: float = 0.1
+    max_bank_size: int = 0
+    projection_dim: int = 128
+    score: str = "max"
+    num_neighbors: int = 9
+    search: str = "auto"
+    sigma: float = 4.0
+    feature_dtype: str = "float16"  # how patch features are held during fit
+    bf16: bool = False
+    seed: int = 0
+
+
+class PatchCore(Model):
+    """PatchCore (Roth et al., CVPR 2022)."""
+
+    name = "patchcore"
+    summary = "Coreset memory bank of pretrained patch features, nearest-neighbour scoring"
+    Config = PatchCoreConfig
+    offline_fallback = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}
+    test_overrides = {
+        "backbone": "resnet18",
+        "weights": "none",
+        "pretrain_embed_dim": 64,
+        "embedding_dim": 32,
+    }
+
+    def __init__(self, config: PatchCoreConfig, components: Components) -> None:
+        super().__init__(config, components)
+        if config.score not in ("max", "paper"):
+            raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
+        if config.feature_dtype not in _DTYPES:
+            raise ConfigError(
+                f"model.feature_dtype must be float16 or float32, got {config.feature_dtype!r}"
+            )
+        if not 0 < config.coreset_ratio <= 1:
+            raise ConfigError(f"model.coreset_ratio must be in (0, 1], got {config.coreset_ratio}")
+        self.aggregator = components.feature_aggregator(
+            config.backbone, config.layers, weights=config.weights, bf16=config.bf16
+        )
+        self.embedder = PatchEmbedder(
+            self.aggregator, config.patch_size, config.pretrain_embed_dim, config.embedding_dim
+        )
+        self.search = components.search(backend=config.search)
+        self.anomaly_map = components.anomaly_map(sigma=config.sigma)
+        self.bank: torch.Tensor | None = None
+        self.grid: tuple[int, int] | None = None
+        self.train_patches = 0
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return tuple(self.aggregator.mean), tuple(self.aggregator.std)
+
+    def _sampler(self) -> Any:
+        cfg = self.config
+        return self.components.sampler(
+            ratio=cfg.coreset_ratio,
+            max_size=cfg.max_bank_size or None,
+            projection_dim=cfg.projection_dim,
+            seed=cfg.seed,
+        )
+
+    def fit(self, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Stream features batch by batch, then keep a greedy coreset of them."""
+        sampler = self._sampler()
+        dtype = _DTYPES[self.config.feature_dtype]
+        kept: list[torch.Tensor] = []
+        projected: list[torch.Tensor] = []
+        announced = False
+        for batch in train_loader:
+            emb, self.grid = self.embedder(batch["image"].to(self.components.device))
+            flat = emb.reshape(-1, emb.shape[-1])  # (B*P, D)
+            if not announced:
+                self._announce(train_loader, emb.shape[1], flat.shape[1])
+                announced = True
+            projected.append(sampler.project(flat).float())
+            kept.append(flat.to(dtype))
+        if not kept:
+            raise ConfigError("PatchCore got no training images")
+        features = torch.cat(kept)
+        del kept
+        self.train_patches = features.shape[0]
+        index = sampler.select(torch.cat(projected))
+        del projected
+        self.bank = features[index.to(features.device)].to(torch.float16).contiguous()
+        del features
+        self.search.fit(self.bank)
+        log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
+
+    def _announce(self, loader: Any, patches: int, dim: int) -> None:
+        try:
+            n_images = len(loader.dataset)
+        except (AttributeError, TypeError):
+            return
+        total = n_images * patches
+        rows = max(1, math.ceil(total * self.config.coreset_ratio))
+        if self.config.max_bank_size:
+            rows = min(rows, self.config.max_bank_size)
+        held = total * (dim * _DTYPES[self.config.feature_dtype].itemsize + 4 * 128)
+        log.info(
+            "PatchCore: %d images x %d patches = %d features of %d dims; bank of %d rows "
+            "(%.0f MB); about %.0f MB held during fit",
+            n_images,
+            patches,
+            total,
+            dim,
+            rows,
+            rows * dim * 2 / 2**20,
+            held / 2**20,
+        )
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Nearest-neighbour distance per patch -> anomaly map; image score = max (or paper's)."""
+        if self.bank is None:
+            raise ConfigError("PatchCore.predict called before fit or load_state_dict")
+        emb, grid = self.embedder(images.to(self.components.device))
+        b, p, d = emb.shape
+        dist, idx = self.search.search(emb.reshape(b * p, d), k=1)
+        patch_scores = dist[:, 0].reshape(b, p)
+        if self.config.score == "paper":
+            scores = reweighted_scores(
+                patch_scores,
+                emb.cpu(),
+                self.bank,
+                idx[:, 0].reshape(b, p),
+                self.search,
+                self.config.num_neighbors,
+            )
+        else:
+            scores = patch_scores.max(dim=1).values
+        maps = self.anomaly_map(patch_scores.reshape(b, *grid), tuple(images.shape[-2:]))
+        return Prediction(scores=scores, maps=maps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            raise ConfigError("PatchCore has not been fitted")
+        state = {"memory_bank": self.bank, "grid": torch.tensor(self.grid)}
+        state.update({f"search.{k}": v for k, v in self.search.state_dict().items() if k != "bank"})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bank = state["memory_bank"]
+        self.grid = tuple(int(v) for v in state["grid"])
+        search_state = {
+            k.removeprefix("search."): v for k, v in state.items() if k.startswith("search.")
+        }
+        self.search.load_state_dict({"bank": self.bank, **search_state})
+
+    def info(self) -> dict[str, Any]:
+        rows = 0 if self.bank is None else int(self.bank.shape[0])
+        return {
+            "memory_bank_rows": rows,
+            "train_patches": self.train_patches,
+            "embedding_dim": self.config.embedding_dim,
+            "backbone": self.config.backbone,
+            "weights": self.aggregator.weights,
+        }
