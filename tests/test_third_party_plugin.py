@@ -1,0 +1,94 @@
+"""The plugin of docs/writing-a-plugin.md, pip-installed outside this repo, run by the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).parents[1] / "docs" / "writing-a-plugin.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The doc's two files as a package, pip-installed into a target folder of its own."""
+    src = tmp_path_factory.mktemp("hamacho-meandiff")
+    (src / "pyproject.toml").write_text(_blocks("toml")[0])
+    (src / "hamacho_meandiff.py").write_text(_blocks("python")[0])
+    target = tmp_path_factory.mktemp("site")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        str(target),
+        str(src),
+    ]
+    if importlib.util.find_spec("setuptools"):
+        cmd.insert(4, "--no-build-isolation")
+    subprocess.run(cmd, check=True, capture_output=True)
+    return target
+
+
+def hamacho(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(site), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "hamacho", *args], capture_output=True, text=True, env=environ
+    )
+
+
+def test_installed_plugin_is_listed(installed):
+    rows = json.loads(hamacho(installed, "models", "--json").stdout)
+    mine = [r for r in rows if r["name"] == "meandiff"]
+    assert mine == [
+        {
+            "name": "meandiff",
+            "distribution": "hamacho-meandiff",
+            "version": "0.1.0",
+            "summary": "Per-pixel distance from the mean good image",
+        }
+    ]
+
+
+def test_installed_plugin_trains_and_tests(installed, tiny_mvtec, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = hamacho(
+        installed,
+        "train",
+        "--model",
+        "meandiff",
+        "--data",
+        str(tiny_mvtec),
+        "--set",
+        "model.sigma=2",
+        "--set",
+        "data.crop_size=null",
+        "--output",
+        str(run_dir),
+    )
+    assert trained.returncode == 0, trained.stderr
+    tested = hamacho(installed, "test", "--run", str(run_dir))
+    assert tested.returncode == 0, tested.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["image_auroc"] > 0.5  # the synthetic defects change pixels visibly
+
+
+def test_empty_load_plugins_hides_third_party(installed):
+    result = hamacho(installed, "models", "--json", HAMACHO_LOAD_PLUGINS="")
+    assert [r["name"] for r in json.loads(result.stdout)] == ["padim", "patchcore"]
+    unknown = hamacho(installed, "train", "--model", "meandiff", HAMACHO_LOAD_PLUGINS="")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "error: Unknown model 'meandiff'. Available: padim, patchcore"
