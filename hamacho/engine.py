@@ -29,7 +29,7 @@ from hamacho.components.search import NearestNeighbourSearch
 from hamacho.components.tiler import Tiler
 from hamacho.config import Config
 from hamacho.errors import ArtifactError, DataError, UnknownModelError, WeightsUnavailableError
-from hamacho.model import Components, Model
+from hamacho.model import Components, Model, Prediction
 from hamacho.plugins import ModelEntry, get_registry
 
 ARTIFACT = "model.safetensors"
@@ -111,6 +111,34 @@ def build_model(entry: ModelEntry, cfg: Config, echo: Echo = _quiet) -> Model:
         return entry.cls(cfg.model, components)
 
 
+class _TiledBatches:
+    """A loader whose batches' images are cut into tiles (the model sees tiles as images)."""
+
+    def __init__(self, loader: Any, tiler: Tiler) -> None:
+        self.loader, self.tiler, self.dataset = loader, tiler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield {**batch, "image": self.tiler.tile(batch["image"])}
+
+
+def _tiled(loader: Any, tiler: Tiler | None) -> Any:
+    return loader if tiler is None else _TiledBatches(loader, tiler)
+
+
+def predict_batch(net: Model, images: torch.Tensor) -> Prediction:
+    """``net.predict``, through the run's tiler when ``tiler.tile_size`` is set."""
+    tiler = net.components.tiler
+    if tiler is None:
+        return net.predict(images)
+    pred = net.predict(tiler.tile(images))  # (B*T, ...) per tile
+    maps = tiler.untile(pred.maps[:, None], tuple(images.shape[-2:]))[:, 0]
+    return Prediction(scores=pred.scores.reshape(images.shape[0], -1).amax(dim=1), maps=maps)
+
+
 def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
     if not enabled:
         return iterable
@@ -146,7 +174,7 @@ def train(
     loader = _loader(fit_samples, cfg, mean, std)
     echo(f"training {model} on {len(fit_samples)} images from {root}")
     start = time.perf_counter()
-    net.fit(_progress(loader, progress, "fit"))
+    net.fit(_progress(_tiled(loader, net.components.tiler), progress, "fit"))
     fit_seconds = time.perf_counter() - start
     threshold = _threshold(net, held_out, cfg, mean, std)
     run_dir = Path(output) if output else Path("results") / model / root.name
@@ -210,7 +238,7 @@ def _threshold(
 ) -> dict[str, Any] | None:
     if not held_out:
         return None
-    scores = [net.predict(batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)]
+    scores = [predict_batch(net, batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)]
     values = torch.cat(scores).float().cpu().numpy()
     value = metrics.threshold_from_normal(values, cfg.threshold.method, cfg.threshold.value)
     return {
@@ -290,7 +318,7 @@ def test(
     images: list[np.ndarray] = []
     for batch in _progress(loader, progress, "test"):
         start = time.perf_counter()
-        pred = run.model.predict(batch["image"])
+        pred = predict_batch(run.model, batch["image"])
         seconds += time.perf_counter() - start
         scores.append(pred.scores.float().cpu())
         maps.append(pred.maps.float().cpu())
@@ -397,7 +425,7 @@ def predict(
 
     def flush() -> Iterator[dict[str, Any]]:
         batch = torch.stack([t for _, t in pending])
-        pred = run.model.predict(batch)
+        pred = predict_batch(run.model, batch)
         for i, (path, _) in enumerate(pending):
             value = float(pred.scores[i])
             row = {"path": str(path), "score": round(value, 6), "threshold": limit}
