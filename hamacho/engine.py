@@ -21,6 +21,7 @@ import yaml
 
 import hamacho
 from hamacho import config as config_mod
+from hamacho import report
 from hamacho.components import artifact, data, metrics, synthetic, visualize
 from hamacho.components.features import NetworkFeatureAggregator
 from hamacho.components.maps import AnomalyMapGenerator
@@ -238,7 +239,9 @@ def _threshold(
 ) -> dict[str, Any] | None:
     if not held_out:
         return None
-    scores = [predict_batch(net, batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)]
+    scores = [
+        predict_batch(net, batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)
+    ]
     values = torch.cat(scores).float().cpu().numpy()
     value = metrics.threshold_from_normal(values, cfg.threshold.method, cfg.threshold.value)
     return {
@@ -334,18 +337,27 @@ def test(
     threshold = run.threshold
     result.update(
         threshold=threshold,
-        threshold_source=(run.metadata.get("threshold") or {}).get("source"),
+        threshold_source=report.describe_threshold(run.metadata.get("threshold")),
         inference_ms_per_image=round(1000 * seconds / max(len(samples), 1), 3),
         images={"good": int((labels == 0).sum()), "defect": int((labels == 1).sum())},
+        **report.class_summary(labels, [s.defect for s in samples], score),
+        peak_rss_mb=round(peak_rss_mb(), 1),
         dataset=str(root),
     )
     _write_json(run.path / "metrics.json", result)
     _write_scores(run.path / "scores.csv", samples, score, threshold)
+    panels: list[Path | None] = [None] * len(samples)
     if write_maps:
-        _write_maps(run.path / "maps", samples, images, amap, mask, threshold)
+        panels = _write_maps(run.path / "maps", samples, images, amap, mask, threshold)
+    scored = [
+        report.ScoredImage(s.path, s.label, s.defect, float(v), p)
+        for s, v, p in zip(samples, score, panels, strict=True)
+    ]
+    title = f"{run.metadata.get('model', '?')} on {root.name}"
+    report.write_report(run.path / "report.html", result, scored, title, run.metadata)
     echo(
-        "image AUROC {image_auroc:.4f}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
-        "ms/image)".format(**result)
+        "image AUROC {image_auroc}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
+        "ms/image); report: {report}".format(**result, report=run.path / "report.html")
     )
     return result
 
@@ -360,7 +372,11 @@ def _metrics(labels: np.ndarray, score: np.ndarray, mask: np.ndarray, amap: np.n
     else:
         result["pixel_auroc"] = None
         result["aupro"] = None
-    return {k: (round(float(v), 6) if v is not None else None) for k, v in result.items()}
+    # nan (undefined, e.g. one class only) -> None: json has no nan
+    return {
+        k: (round(float(v), 6) if v is not None and not np.isnan(v) else None)
+        for k, v in result.items()
+    }
 
 
 def _to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:
@@ -374,13 +390,16 @@ def _write_maps(
     amap: np.ndarray,
     mask: np.ndarray,
     threshold: float | None,
-) -> None:
+) -> list[Path | None]:
     vmin, vmax = float(amap.min()), float(amap.max())
+    paths: list[Path | None] = []
     for i, sample in enumerate(samples):
         panel = visualize.overlay_panel(
             images[i], amap[i], mask[i] if sample.mask else None, threshold, vmin=vmin, vmax=vmax
         )
-        visualize.save_png(out / sample.defect / f"{sample.path.stem}.png", panel)
+        paths.append(out / sample.defect / f"{sample.path.stem}.png")
+        visualize.save_png(paths[-1], panel)
+    return paths
 
 
 def _write_scores(

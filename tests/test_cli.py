@@ -165,7 +165,9 @@ def test_default_backbone_falls_back_to_offline_weights(tiny_mvtec, tmp_path):
 def test_tiled_training_sees_tiles_and_maps_cover_the_image(tiny_mvtec, tmp_path):
     out = tmp_path / "tiled"
     sets = _sets("model.n_features=16", "tiler.tile_size=32", "tiler.stride=32")
-    result = run("train", "--model", "padim", "--data", str(tiny_mvtec), "--output", str(out), *sets)
+    result = run(
+        "train", "--model", "padim", "--data", str(tiny_mvtec), "--output", str(out), *sets
+    )
     assert result.exit_code == 0, result.output
     tensors, _ = load_artifact(out / "model.safetensors")
     assert tensors["grid"].tolist() == [8, 8]  # resnet18 layer1 of a 32 px tile, not a 64 px image
