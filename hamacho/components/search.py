@@ -1,0 +1,287 @@
+"""Nearest-neighbour search over a memory bank, with faiss or plain torch backends."""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from hamacho.errors import ArtifactError, ConfigError, DataError, HamachoError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss_flat", "faiss_ivfpq", "faiss_hnsw", "torch")
+_APPROXIMATE = ("faiss_ivfpq", "faiss_hnsw")
+_OPTIONS = {
+    "faiss_flat": (),
+    "faiss_ivfpq": ("nlist", "m", "nbits", "nprobe", "k_factor"),
+    "faiss_hnsw": ("M", "efSearch", "efConstruction"),
+    "torch": ("chunk_mb",),
+}
+_ROWS = 65536  # rows converted to float32 at a time when feeding faiss
+
+
+def _import_faiss(backend: str) -> ModuleType:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError(
+            f"search backend '{backend}' needs faiss, which is not installed ({exc}). "
+            "Run `pip install faiss-cpu` (or faiss-gpu), or use backend 'torch'"
+        ) from None
+    return faiss
+
+
+def _faiss_has_gpu(faiss: ModuleType) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown search backend '{backend}'. Valid: {', '.join(BACKENDS)}")
+    # "auto" is the fastest exact backend measured by benchmarks/search_backends.py
+    # (784 x 17k x 1024, 2 CPU threads): torch 0.8 s vs faiss_flat 1.05 s per batch, as
+    # faiss's OpenMP threads lose more to a busy CPU (faiss wins single-threaded, ~20 %).
+    # torch also runs on any GPU and needs no extra install.
+    return "torch" if backend == "auto" else backend
+
+
+def _float32_chunks(x: torch.Tensor):
+    """Yield (start, contiguous float32 CPU numpy chunk) so fp16 input never doubles in memory."""
+    for start in range(0, x.shape[0], _ROWS):
+        chunk = x[start : start + _ROWS].detach().to("cpu", torch.float32).contiguous()
+        yield start, chunk.numpy()
+
+
+def _ivfpq_defaults(n: int, d: int) -> dict[str, int]:
+    # faiss wants >= 39 training points per centroid; PQ needs >= 2**nbits points.
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    nbits = max(1, min(8, int(math.log2(max(2, n // 39)))))
+    # 8 dims per 1-byte code (32x smaller than float32): m=4 dims trained ~20x slower for
+    # +1 % recall@1 in benchmarks/search_backends.py
+    dsub = next((s for s in range(8, d + 1) if d % s == 0), d)
+    return {"nlist": nlist, "m": d // dsub, "nbits": nbits}
+
+
+class NearestNeighbourSearch:
+    """k-nearest-neighbour search in Euclidean distance over a fitted bank of vectors."""
+
+    def __init__(
+        self, backend: str = "auto", device: str | torch.device | None = None, **options: Any
+    ) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.backend = _resolve_backend(backend)
+        unknown = sorted(set(options) - set(_OPTIONS[self.backend]))
+        if unknown:
+            valid = ", ".join(_OPTIONS[self.backend]) or "none"
+            raise ConfigError(
+                f"unknown option(s) {unknown} for search backend '{self.backend}'. Valid: {valid}"
+            )
+        self.options = dict(options)
+        self._faiss = None if self.backend == "torch" else _import_faiss(self.backend)
+        self._index: Any = None
+        self._gpu_res: Any = None
+        self._bank: torch.Tensor | None = None  # kept where the index cannot give it back
+        self._bank_sq: torch.Tensor | None = None
+        self._shape: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"NearestNeighbourSearch(backend={self.backend!r}, bank={self._shape})"
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, bank: torch.Tensor) -> NearestNeighbourSearch:
+        """Index `bank` (N, D) float32/float16; approximate backends train on it."""
+        if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+            raise DataError(
+                f"search bank must be a non-empty (N, D) tensor, got {tuple(bank.shape)}"
+            )
+        self._shape = (bank.shape[0], bank.shape[1])
+        self._index = self._bank = self._bank_sq = None
+        if self.backend == "torch":
+            self._fit_torch(bank)
+        else:
+            if self.backend == "faiss_ivfpq":  # PQ codes are lossy: keep vectors for exact refine
+                self._bank = bank.detach().to("cpu", torch.float32).contiguous()
+            self._index = self._build_faiss(bank)
+        return self
+
+    def _fit_torch(self, bank: torch.Tensor) -> None:
+        n, d = bank.shape
+        self._bank = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        self._bank_sq = torch.empty(n, dtype=torch.float32, device=self.device)
+        for start in range(0, n, _ROWS):
+            chunk = self._bank[start : start + _ROWS]
+            chunk.copy_(bank[start : start + _ROWS])
+            torch.linalg.vector_norm(chunk, dim=1, out=self._bank_sq[start : start + _ROWS])
+        self._bank_sq.square_()
+
+    def _build_faiss(self, bank: torch.Tensor) -> Any:
+        faiss = self._faiss
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        n, d = bank.shape
+        if self.backend == "faiss_flat":
+            index = faiss.IndexFlatL2(d)
+        elif self.backend == "faiss_hnsw":
+            index = faiss.IndexHNSWFlat(d, int(self.options.get("M", 32)))
+            index.hnsw.efConstruction = int(self.options.get("efConstruction", 80))
+        else:
+            opts = {**_ivfpq_defaults(n, d), **self.options}  # nprobe/k_factor: search time
+            if d % opts["m"]:
+                raise ConfigError(f"faiss_ivfpq option m={opts['m']} must divide D={d}")
+            index = faiss.IndexIVFPQ(
+                faiss.IndexFlatL2(d), d, int(opts["nlist"]), int(opts["m"]), int(opts["nbits"])
+            )
+            index.train(self._bank.numpy())
+        self._configure(index)
+        index = self._to_gpu(index)
+        for _, chunk in _float32_chunks(bank):
+            index.add(chunk)
+        return index
+
+    def _configure(self, index: Any) -> None:
+        """Set search-time parameters, which come from this object's options, not the index."""
+        if self.backend == "faiss_hnsw":
+            index.hnsw.efSearch = int(self.options.get("efSearch", 64))
+        elif self.backend == "faiss_ivfpq":
+            index.nprobe = min(index.nlist, int(self.options.get("nprobe", 16)))
+
+    def _to_gpu(self, index: Any) -> Any:
+        # HNSW has no GPU implementation in faiss; it stays on the CPU.
+        if self.device.type != "cuda" or self.backend == "faiss_hnsw":
+            return index
+        if not _faiss_has_gpu(self._faiss):
+            logger.info("faiss has no GPU support here; %s index runs on the CPU", self.backend)
+            return index
+        self._gpu_res = self._faiss.StandardGpuResources()
+        return self._faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, index)
+
+    # ------------------------------------------------------------- search
+    def search(
+        self, queries: torch.Tensor, k: int = 1, squared: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (distances (M, k) float32, indices (M, k) int64) on the CPU, nearest first."""
+        if self._shape is None:
+            raise HamachoError("search index is empty: call fit(bank) or load_state_dict() first")
+        n, d = self._shape
+        if queries.ndim != 2 or queries.shape[1] != d:
+            raise DataError(f"queries must be (M, {d}) like the bank, got {tuple(queries.shape)}")
+        if not 1 <= k <= n:
+            raise ConfigError(f"k={k} neighbours requested but the bank holds {n} vectors")
+        if self.backend == "torch":
+            dist, idx = self._search_torch(queries, k)
+        else:
+            dist, idx = self._search_faiss(queries, k)
+        dist = dist.clamp_min_(0)
+        return (dist if squared else dist.sqrt_()), idx
+
+    def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, bank_sq = self._bank, self._bank_sq
+        n = bank.shape[0]
+        budget = int(float(self.options.get("chunk_mb", 256)) * 2**18)  # floats per score block
+        nb = min(n, max(k, budget // 64))  # bank rows per block
+        mq = max(1, budget // nb)  # query rows per block
+        dist = torch.empty((queries.shape[0], k), dtype=torch.float32)
+        idx = torch.empty((queries.shape[0], k), dtype=torch.int64)
+        for qs in range(0, queries.shape[0], mq):
+            q = queries[qs : qs + mq].to(self.device, torch.float32)
+            best_d = best_i = None
+            for bs in range(0, n, nb):
+                # ||b||^2 - 2 q.b : (mq, nb); ||q||^2 is constant per row, added after top-k
+                scores = torch.addmm(bank_sq[bs : bs + nb], q, bank[bs : bs + nb].T, alpha=-2)
+                kk = min(k, scores.shape[1])
+                if kk == 1:
+                    d_, i_ = scores.min(dim=1, keepdim=True)
+                else:
+                    d_, i_ = scores.topk(kk, dim=1, largest=False)
+                i_ += bs
+                if best_d is not None:  # merge with the best of the previous bank blocks
+                    d_, order = torch.cat([best_d, d_], 1).topk(k, dim=1, largest=False)
+                    i_ = torch.cat([best_i, i_], 1).gather(1, order)
+                best_d, best_i = d_, i_
+            best_d += q.square().sum(1, keepdim=True)
+            dist[qs : qs + mq] = best_d.cpu()
+            idx[qs : qs + mq] = best_i.cpu()
+        return dist, idx
+
+    def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._faiss.omp_set_num_threads(torch.get_num_threads())
+        kk = k
+        if self.backend == "faiss_ivfpq":
+            kk = min(self._shape[0], k * int(self.options.get("k_factor", 4)))
+        dist = np.empty((queries.shape[0], kk), dtype=np.float32)
+        idx = np.empty((queries.shape[0], kk), dtype=np.int64)
+        for start, chunk in _float32_chunks(queries):
+            dist[start : start + len(chunk)], idx[start : start + len(chunk)] = self._index.search(
+                chunk, kk
+            )
+        dist_t, idx_t = torch.from_numpy(dist), torch.from_numpy(idx)
+        if self.backend == "faiss_ivfpq":
+            dist_t, idx_t = self._refine(queries, idx_t, k)
+        return dist_t, idx_t
+
+    def _refine(
+        self, queries: torch.Tensor, cand: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-rank IVF-PQ candidates (M, kk) by exact distance, since PQ distances are lossy."""
+        exact = torch.empty(cand.shape, dtype=torch.float32)
+        for start in range(0, len(cand), 4096):  # bounds the (m, kk, D) gather
+            q = queries[start : start + 4096].detach().to("cpu", torch.float32)
+            vecs = self._bank[cand[start : start + 4096].clamp_min(0)]  # (m, kk, D)
+            exact[start : start + 4096] = (vecs - q[:, None, :]).square_().sum(-1)
+        exact.masked_fill_(cand < 0, math.inf)  # faiss pads with -1 when lists hold < kk vectors
+        dist, order = exact.topk(k, dim=1, largest=False)
+        return dist, cand.gather(1, order)
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return {"bank": (N, D)} plus, for approximate backends, the serialized faiss index."""
+        if self._shape is None:
+            raise HamachoError("search index is empty: call fit(bank) before state_dict()")
+        state = {"bank": self._bank_cpu()}
+        if self.backend in _APPROXIMATE:
+            index = self._index
+            if self._gpu_res is not None:
+                index = self._faiss.index_gpu_to_cpu(index)
+            state["index"] = torch.from_numpy(self._faiss.serialize_index(index))
+        return state
+
+    def _bank_cpu(self) -> torch.Tensor:
+        if self._bank is not None:
+            return self._bank.cpu()
+        index = self._index
+        if self._gpu_res is not None:
+            index = self._faiss.index_gpu_to_cpu(index)
+        return torch.from_numpy(index.reconstruct_n(0, index.ntotal))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild from state_dict(); a stored approximate index is reused, not retrained."""
+        bank = state.get("bank")
+        if bank is None or bank.ndim != 2:
+            raise ArtifactError("search state has no (N, D) 'bank' tensor; re-train the model")
+        if self.backend not in _APPROXIMATE or "index" not in state:
+            self.fit(bank)
+            return
+        index = self._faiss.deserialize_index(state["index"].numpy())
+        expected = "IndexHNSWFlat" if self.backend == "faiss_hnsw" else "IndexIVFPQ"
+        if type(index).__name__ != expected:
+            raise ArtifactError(
+                f"stored faiss index is a {type(index).__name__}, not the {expected} that "
+                f"backend '{self.backend}' needs; load it with the backend it was saved with"
+            )
+        if (index.ntotal, index.d) != tuple(bank.shape):
+            raise ArtifactError(
+                f"stored faiss index holds {index.ntotal}x{index.d} vectors but bank is "
+                f"{tuple(bank.shape)}; the artifact is inconsistent, re-train the model"
+            )
+        self._shape = (bank.shape[0], bank.shape[1])
+        self._bank = (
+            bank.to("cpu", torch.float32).contiguous() if self.backend == "faiss_ivfpq" else None
+        )
+        self._configure(index)
+        self._index = self._to_gpu(index)
