@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -17,17 +15,22 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples
 from hamacho.errors import ConfigError, DataError, HamachoError
 
+__all__ = [  # discovery lives in datasets.py; re-exported so one import serves both
+    "IMAGE_EXTENSIONS",
+    "DataConfig",
+    "ImageDataset",
+    "Sample",
+    "denormalize",
+    "find_samples",
+    "load_image_tensor",
+    "make_loader",
+    "read_image",
+]
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-_GOOD_LABELS = frozenset({"good", "normal", "ok", "0"})
-_LAYOUTS = (
-    "expected an MVTec AD category (train/good/*.png, test/<good|defect>/*.png, "
-    "ground_truth/<defect>/<stem>_mask.png), a folder of good images, "
-    "or a CSV file list (path,label[,mask[,split]])"
-)
 _SKIP_HINT = "Replace or remove it, or set data.skip_bad=true"
 
 
@@ -67,163 +70,6 @@ class DataConfig:
                 f"set data.crop_size <= {self.image_size} or null"
             )
         _check_stats(self.mean, self.std)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a dataset split: label 0 good / 1 defect, defect type, optional mask."""
-
-    path: Path
-    label: int
-    defect: str = "good"
-    mask: Path | None = None
-
-
-def find_samples(root: str | Path, split: str, *, skip_bad: bool = False) -> list[Sample]:
-    """List the `split` ("train" | "test") samples of a dataset, sorted by path.
-
-    Layouts: an MVTec AD category folder; a plain folder of good images (train only); a CSV
-    file list `path,label[,mask[,split]]` (header optional; labels good/normal/ok/0 are good,
-    1 is defect "defect", any other text is the defect type; relative paths are resolved
-    against the CSV's folder). Without a split column a CSV's train split is its good rows
-    and its test split is all rows. Missing masks or CSV files raise DataError unless
-    `skip_bad`, in which case they are kept for ImageDataset to drop and report.
-    """
-    if split not in ("train", "test"):
-        raise ConfigError(f"split={split!r} is not valid; use 'train' or 'test'")
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"dataset '{root}' does not exist; {_LAYOUTS}")
-    if root.is_file():
-        if root.suffix.lower() == ".csv":
-            return _csv_samples(root, split, skip_bad)
-        raise DataError(f"dataset '{root}' is a file but not a .csv file list; {_LAYOUTS}")
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return _mvtec_samples(root, split, skip_bad)
-    images = _list_images(root)
-    if not images:
-        raise DataError(_empty_message(root))
-    if split == "test":
-        raise DataError(
-            f"folder '{root}' is a plain folder of good images and has no test split; "
-            f"to test, use an MVTec AD category ({root}/test/<good|defect>/*.png with "
-            "ground_truth/<defect>/<stem>_mask.png) or a CSV file list with labels"
-        )
-    return [Sample(path, 0) for path in images]
-
-
-def _list_images(folder: Path) -> list[Path]:
-    # Hidden files are skipped: macOS archives ship "._000.png" resource forks.
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
-
-
-def _empty_message(root: Path) -> str:
-    categories = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
-    if categories:
-        shown = ", ".join(categories[:5]) + (", ..." if len(categories) > 5 else "")
-        return f"folder '{root}' holds several categories ({shown}); pass one category folder"
-    return f"folder '{root}' contains no images; {_LAYOUTS}"
-
-
-def _mvtec_samples(root: Path, split: str, skip_bad: bool) -> list[Sample]:
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise DataError(
-            f"dataset '{root}' has no {split}/ folder; expected {split_dir}/<good|defect>/*.png"
-        )
-    if split == "train":
-        good = split_dir / "good"
-        samples = [Sample(p, 0) for p in _list_images(good if good.is_dir() else split_dir)]
-    else:
-        samples = []
-        for sub in sorted(d for d in split_dir.iterdir() if d.is_dir()):
-            if sub.name.startswith("."):
-                continue
-            if sub.name.lower() == "good":
-                samples += [Sample(p, 0, sub.name) for p in _list_images(sub)]
-                continue
-            masks = _mask_finder(root / "ground_truth" / sub.name)
-            for path in _list_images(sub):
-                samples.append(Sample(path, 1, sub.name, masks(path, skip_bad)))
-    if not samples:
-        raise DataError(f"folder '{split_dir}' contains no images; {_LAYOUTS}")
-    return samples
-
-
-def _mask_finder(gt_dir: Path):
-    """Return `find(image, skip_bad) -> mask path | None` for one defect type."""
-    index = {p.stem: p for p in _list_images(gt_dir)} if gt_dir.is_dir() else None
-
-    def find(image: Path, skip_bad: bool) -> Path | None:
-        if index is None:  # no ground truth for this defect type: image-level labels only
-            return None
-        found = index.get(f"{image.stem}_mask") or index.get(image.stem)
-        if found is not None:
-            return found
-        expected = gt_dir / f"{image.stem}_mask.png"
-        if not skip_bad:
-            raise DataError(
-                f"missing mask '{expected}' for defective image '{image}'; add the mask, "
-                "remove the image, or set data.skip_bad=true"
-            )
-        return expected  # ImageDataset drops it (and reports it) when skip_bad
-
-    return find
-
-
-def _csv_samples(csv_path: Path, split: str, skip_bad: bool) -> list[Sample]:
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read CSV file list '{csv_path}': {exc}") from exc
-    reader = csv.reader(io.StringIO(text))
-    rows = [
-        (reader.line_num, cells)
-        for cells in ([c.strip() for c in raw] for raw in reader)
-        if any(cells) and not cells[0].startswith("#")
-    ]
-    columns = ["path", "label", "mask", "split"]
-    if rows and "path" in (c.lower() for c in rows[0][1]):
-        columns = [c.lower() for c in rows.pop(0)[1]]
-        if set(columns) - {"path", "label", "mask", "split"} or "label" not in columns:
-            raise DataError(f"CSV file list '{csv_path}': header must be path,label[,mask][,split]")
-    samples = []
-    for line, cells in rows:
-        where = f"CSV file list '{csv_path}' line {line}"
-        if not 2 <= len(cells) <= len(columns):
-            raise DataError(f"{where}: expected path,label[,mask[,split]], got {len(cells)} cells")
-        row = dict(zip(columns, cells, strict=False))
-        sample, row_split = _csv_row(row, csv_path.parent, where, skip_bad)
-        if row_split == split or (row_split is None and (split == "test" or sample.label == 0)):
-            samples.append(sample)
-    if not samples:
-        raise DataError(f"CSV file list '{csv_path}' has no {split} rows; {_LAYOUTS}")
-    return samples
-
-
-def _csv_row(row: dict, base: Path, where: str, skip_bad: bool) -> tuple[Sample, str | None]:
-    if not row.get("path") or not row.get("label"):
-        raise DataError(f"{where}: the path and label cells must not be empty")
-    path = base / Path(row["path"]).expanduser()
-    mask = base / Path(row["mask"]).expanduser() if row.get("mask") else None
-    label = row["label"]
-    if label.lower() in _GOOD_LABELS:
-        sample = Sample(path, 0, "good", mask)
-    else:
-        sample = Sample(path, 1, "defect" if label == "1" else label, mask)
-    row_split = row.get("split", "").lower() or None
-    if row_split not in (None, "train", "test"):
-        raise DataError(f"{where}: split must be train or test, got {row['split']!r}")
-    if row_split == "train" and sample.label == 1:
-        raise DataError(f"{where}: defective image in the train split; train on good images only")
-    for kind, file in (("image", path), ("mask", mask)):
-        if file is not None and not skip_bad and not file.is_file():
-            raise DataError(f"{where}: {kind} '{file}' does not exist; fix the path or the row")
-    return sample, row_split
 
 
 def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:

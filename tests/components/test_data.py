@@ -383,3 +383,49 @@ def test_make_loader_workers_match_and_keep_one_line_errors(tmp_path):
     with pytest.raises(DataError) as info:
         list(make_loader(broken, 1, num_workers=1))
     assert str(info.value).startswith(f"cannot read image '{bad}'") and "\n" not in str(info.value)
+
+
+def _png(path: Path, value: int = 128, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+    return path
+
+
+def test_find_samples_yaml_folder_spec(tmp_path: Path) -> None:
+    for i in range(3):
+        _png(tmp_path / "ok" / f"{i}.png")
+    _png(tmp_path / "ok_test" / "a.png")
+    _png(tmp_path / "bad" / "dent" / "d1.png")
+    _png(tmp_path / "bad" / "scratch" / "s1.png")
+    _png(tmp_path / "gt" / "dent" / "d1_mask.png", 255)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "normal: ok\nnormal_test: ok_test\nabnormal: [bad/dent, bad/scratch]\nmasks: gt\n"
+    )
+    assert [s.path.name for s in find_samples(spec, "train")] == ["0.png", "1.png", "2.png"]
+    test = find_samples(spec, "test")
+    assert [(s.path.name, s.label, s.defect) for s in test] == [
+        ("a.png", 0, "good"),
+        ("d1.png", 1, "dent"),
+        ("s1.png", 1, "scratch"),
+    ]
+    assert test[1].mask == tmp_path / "gt" / "dent" / "d1_mask.png"
+    assert test[2].mask is None  # no gt/scratch/: image-level labels only, as in MVTec
+    # a defect type with masks somewhere but not for this image is a clear error
+    with pytest.raises(DataError, match=r"missing mask .*s1_mask.png"):
+        spec.write_text("normal: ok\nabnormal: [bad/scratch]\nmasks: gt/dent\n")
+        find_samples(spec, "test")
+
+
+def test_find_samples_yaml_spec_errors(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("normal: nowhere\n")
+    with pytest.raises(DataError, match="normal folder .*nowhere' does not exist"):
+        find_samples(spec, "train")
+    spec.write_text("normal: .\nabnormals: x\n")
+    with pytest.raises(DataError, match="unknown key 'abnormals'; valid: normal, normal_test"):
+        find_samples(spec, "train")
+    _png(tmp_path / "ok" / "0.png")
+    spec.write_text("normal: ok\n")
+    with pytest.raises(DataError, match="has no test images"):
+        find_samples(spec, "test")
