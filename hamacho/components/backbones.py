@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,13 +220,20 @@ def _load_torchvision_imagenet(arch: str) -> tuple[nn.Module, str]:
         if offline():
             raise _unavailable(arch, path, "HAMACHO_OFFLINE is set")
         _download(enum.url, path, arch)
+    # The builder reads the cached file and applies model-specific key fixes (densenet).
+    return _load_cached("ImageNet", path, arch, lambda: _build("torchvision", arch, weights=enum))
+
+
+def _load_cached(
+    kind: str, path: Path, arch: str, build: Callable[[], nn.Module]
+) -> tuple[nn.Module, str]:
+    """Build from a cached weight file; a file that will not load is a one-line error."""
     try:
-        # The builder reads the cached file and applies model-specific key fixes (densenet).
-        module = _build("torchvision", arch, weights=enum)
+        module = build()
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BackboneError(
-            f"cached ImageNet weights '{path}' for '{arch}' cannot be loaded: {reason}. "
+            f"cached {kind} weights '{path}' for '{arch}' cannot be loaded: {reason}. "
             "Delete the file and retry, or set model.weights=/path/to/file.pth"
         ) from None
     return module, f"imagenet:{path.name} sha256:{file_sha256(path)}"
@@ -298,15 +306,11 @@ def _load_timm_imagenet(arch: str) -> tuple[nn.Module, str]:
     found, suggested = _timm_cached_file(cfg)
     if found is None:
         raise _unavailable(arch, suggested, "timm weights are never downloaded by hamacho")
-    try:
-        # Pointing pretrained_cfg at the local file keeps timm's key filters but stops any fetch.
-        module = timm.create_model(
-            arch, pretrained=True, pretrained_cfg_overlay={"file": str(found)}
-        )
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneError(
-            f"cached timm weights '{found}' for '{arch}' cannot be loaded: {reason}. "
-            "Delete the file or set model.weights=/path/to/file.pth"
-        ) from None
-    return module, f"imagenet:{found.name} sha256:{file_sha256(found)}"
+    # Pointing pretrained_cfg at the local file keeps timm's key filters but stops any fetch.
+    overlay = {"file": str(found)}
+    return _load_cached(
+        "timm",
+        found,
+        arch,
+        lambda: timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay),
+    )
