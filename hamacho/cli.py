@@ -168,3 +168,58 @@ def predict(
         click.echo(json.dumps(row))
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--models", help="Comma-separated model names, e.g. patchcore,padim.")
+@click.option(
+    "--backbones",
+    multiple=True,
+    help="Comma-separated NAME[:LAYER+LAYER][@WEIGHTS], e.g. resnet18@none,tf_efficientnet_lite0.",
+)
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset folder(s): --data A B C.")
+@click.argument("more_data", nargs=-1, type=click.Path(), metavar="[DIR]...")
+@click.option("--seeds", help="Comma-separated seeds (run.seed and the model's seed); default 0.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="[MODEL:]SECTION.KEY=VALUE",
+    help="Override a setting in every cell (or only MODEL's cells), repeatable.",
+)
+@click.option("--grid", "grid_file", type=click.Path(), help="Grid YAML (the options win).")
+@click.option("--output", "-o", type=click.Path(), help="Output folder (resumable).")
+@click.option("--timeout", type=float, help="Seconds per cell before it is stopped.")
+@click.option("--maps/--no-maps", default=None, help="Write heat-map panels (default: no).")
+@click.pass_context
+def benchmark(
+    ctx: click.Context,
+    models: str | None,
+    backbones: tuple[str, ...],
+    data_dir: str | None,
+    more_data: tuple[str, ...],
+    seeds: str | None,
+    overrides: tuple[str, ...],
+    grid_file: str | None,
+    output: str | None,
+    timeout: float | None,
+    maps: bool | None,
+) -> None:
+    """Train and test every model x backbone x dataset x seed; tabulate and plot the results."""
+    from hamacho import benchmark as bench
+
+    grid = bench.make_grid(
+        models,
+        ",".join(backbones) or None,
+        [d for d in (data_dir, *more_data) if d] or None,
+        output,
+        seeds,
+        overrides,
+        timeout,
+        maps,
+        grid_file,
+    )
+    rows = bench.run(grid, echo=_echo(ctx))
+    click.echo((grid.output / "results.md").read_text())
+    if any(row["status"] != "ok" for row in rows):
+        sys.exit(1)

@@ -441,6 +441,7 @@ def predict(
     run = load_run(run_dir)
     limit = run.threshold if threshold is None else threshold
     pending: list[tuple[Path, torch.Tensor]] = []
+    used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
 
     def flush() -> Iterator[dict[str, Any]]:
         batch = torch.stack([t for _, t in pending])
@@ -452,7 +453,7 @@ def predict(
             if maps_dir:
                 image = _to_uint8(batch[i : i + 1], run.mean, run.std)[0]
                 panel = visualize.overlay_panel(image, pred.maps[i].cpu().numpy(), None, limit)
-                out = Path(maps_dir) / f"{path.stem}.png"
+                out = Path(maps_dir) / _unique_name(path, used)
                 visualize.save_png(out, panel)
                 row["map"] = str(out)
             yield row
@@ -472,6 +473,19 @@ def predict(
             yield from flush()
     if pending:
         yield from flush()
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """``stem.png``, or ``parent_stem.png`` (then a counter) when that name is already taken."""
+    name = f"{path.stem}.png"
+    if name in used:
+        name = f"{path.parent.name}_{path.stem}.png"
+    base, n = name, 1
+    while name in used:
+        n += 1
+        name = f"{base[:-4]}_{n}.png"
+    used.add(name)
+    return name
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
