@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hamacho import Components, Model, Prediction
-from hamacho.errors import ConfigError
+from hamacho.errors import ArtifactError, ConfigError, DataError
 from hamacho_patchcore.torch_model import PatchEmbedder, reweighted_scores
 
 log = logging.getLogger("hamacho.patchcore")
@@ -35,9 +35,39 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     search: str = "auto"
     sigma: float = 4.0
-    feature_dtype: str = "float16"  # how patch features are held during fit
+    feature_dtype: str = "float16"  # patch features held during fit and the memory bank
+    backbone_batch: int = 4  # images per backbone forward (0 = whole loader batch)
     bf16: bool = False
     seed: int = 0
+
+
+def _check(config: PatchCoreConfig) -> None:
+    """Raise ConfigError naming the first setting that cannot work."""
+    if config.score not in ("max", "paper"):
+        raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
+    if config.feature_dtype not in _DTYPES:
+        raise ConfigError(
+            f"model.feature_dtype must be float16 or float32, got {config.feature_dtype!r}"
+        )
+    if not 0 < config.coreset_ratio <= 1:
+        raise ConfigError(f"model.coreset_ratio must be in (0, 1], got {config.coreset_ratio}")
+    if config.patch_size < 1 or config.patch_size % 2 == 0:
+        raise ConfigError(
+            f"model.patch_size must be an odd number >= 1 (it keeps the grid), got "
+            f"{config.patch_size}"
+        )
+    positive = ("pretrain_embed_dim", "embedding_dim", "projection_dim", "num_neighbors")
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(config, key)}")
+    if config.backbone_batch < 0:
+        raise ConfigError(
+            f"model.backbone_batch must be >= 0 (0 = whole batch), got {config.backbone_batch}"
+        )
+    if config.max_bank_size < 0:
+        raise ConfigError(
+            f"model.max_bank_size must be >= 0 (0 = no cap), got {config.max_bank_size}"
+        )
 
 
 class PatchCore(Model):
@@ -55,24 +85,22 @@ class PatchCore(Model):
     }
 
     def __init__(self, config: PatchCoreConfig, components: Components) -> None:
+        _check(config)
         super().__init__(config, components)
-        if config.score not in ("max", "paper"):
-            raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
-        if config.feature_dtype not in _DTYPES:
-            raise ConfigError(
-                f"model.feature_dtype must be float16 or float32, got {config.feature_dtype!r}"
-            )
-        if not 0 < config.coreset_ratio <= 1:
-            raise ConfigError(f"model.coreset_ratio must be in (0, 1], got {config.coreset_ratio}")
         self.aggregator = components.feature_aggregator(
             config.backbone, config.layers, weights=config.weights, bf16=config.bf16
         )
         self.embedder = PatchEmbedder(
-            self.aggregator, config.patch_size, config.pretrain_embed_dim, config.embedding_dim
+            self.aggregator,
+            self.aggregator.feature_dimensions(),
+            config.patch_size,
+            config.pretrain_embed_dim,
+            config.embedding_dim,
+            chunk=config.backbone_batch,
         )
         self.search = components.search(backend=config.search)
         self.anomaly_map = components.anomaly_map(sigma=config.sigma)
-        self.bank: torch.Tensor | None = None
+        self.bank: torch.Tensor | None = None  # (N, embedder.dim) in feature_dtype
         self.grid: tuple[int, int] | None = None
         self.train_patches = 0
 
@@ -92,25 +120,26 @@ class PatchCore(Model):
         """Stream features batch by batch, then keep a greedy coreset of them."""
         sampler = self._sampler()
         dtype = _DTYPES[self.config.feature_dtype]
-        kept: list[torch.Tensor] = []
-        projected: list[torch.Tensor] = []
-        announced = False
+        kept: list[torch.Tensor] = []  # (B*P, D) per batch, in feature_dtype
+        projected: list[torch.Tensor] = []  # (B*P, projection_dim) float32 per batch
         for batch in train_loader:
             emb, self.grid = self.embedder(batch["image"].to(self.components.device))
-            flat = emb.reshape(-1, emb.shape[-1])  # (B*P, D)
-            if not announced:
+            flat = emb.reshape(-1, emb.shape[-1])  # (B, P, D) -> (B*P, D)
+            if not kept:
                 self._announce(train_loader, emb.shape[1], flat.shape[1])
-                announced = True
-            projected.append(sampler.project(flat).float())
+            projected.append(sampler.project(flat))
             kept.append(flat.to(dtype))
+            del emb, flat
         if not kept:
-            raise ConfigError("PatchCore got no training images")
+            raise DataError("PatchCore got no training images; check the train folder")
         features = torch.cat(kept)
-        del kept
+        kept.clear()
         self.train_patches = features.shape[0]
-        index = sampler.select(torch.cat(projected))
-        del projected
-        self.bank = features[index.to(features.device)].to(torch.float16).contiguous()
+        points = torch.cat(projected)
+        projected.clear()
+        index = sampler.select(points)
+        del points
+        self.bank = features[index.to(features.device)].contiguous()
         del features
         self.search.fit(self.bank)
         log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
@@ -124,7 +153,8 @@ class PatchCore(Model):
         rows = max(1, math.ceil(total * self.config.coreset_ratio))
         if self.config.max_bank_size:
             rows = min(rows, self.config.max_bank_size)
-        held = total * (dim * _DTYPES[self.config.feature_dtype].itemsize + 4 * 128)
+        itemsize = _DTYPES[self.config.feature_dtype].itemsize
+        held = total * (dim * itemsize + 4 * min(dim, self.config.projection_dim))
         log.info(
             "PatchCore: %d images x %d patches = %d features of %d dims; bank of %d rows "
             "(%.0f MB); about %.0f MB held during fit",
@@ -133,7 +163,7 @@ class PatchCore(Model):
             total,
             dim,
             rows,
-            rows * dim * 2 / 2**20,
+            rows * dim * itemsize / 2**20,
             held / 2**20,
         )
 
@@ -144,31 +174,38 @@ class PatchCore(Model):
         emb, grid = self.embedder(images.to(self.components.device))
         b, p, d = emb.shape
         dist, idx = self.search.search(emb.reshape(b * p, d), k=1)
-        patch_scores = dist[:, 0].reshape(b, p)
+        patch_scores = dist.reshape(b, p)
         if self.config.score == "paper":
             scores = reweighted_scores(
                 patch_scores,
                 emb.cpu(),
-                self.bank,
-                idx[:, 0].reshape(b, p),
+                self.bank.cpu(),
+                idx.reshape(b, p),
                 self.search,
                 self.config.num_neighbors,
             )
         else:
-            scores = patch_scores.max(dim=1).values
+            scores = patch_scores.amax(dim=1)
         maps = self.anomaly_map(patch_scores.reshape(b, *grid), tuple(images.shape[-2:]))
         return Prediction(scores=scores, maps=maps)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.bank is None:
-            raise ConfigError("PatchCore has not been fitted")
+            raise ConfigError("PatchCore has not been fitted; call fit before saving")
         state = {"memory_bank": self.bank, "grid": torch.tensor(self.grid)}
         state.update({f"search.{k}": v for k, v in self.search.state_dict().items() if k != "bank"})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.bank = state["memory_bank"]
-        self.grid = tuple(int(v) for v in state["grid"])
+        bank = state.get("memory_bank")
+        if bank is None or bank.ndim != 2 or bank.shape[1] != self.embedder.dim:
+            got = None if bank is None else tuple(bank.shape)
+            raise ArtifactError(
+                f"PatchCore memory_bank is {got}, expected (N, {self.embedder.dim}) for this "
+                "backbone/layers/embedding_dim; load it with the config it was trained with"
+            )
+        self.bank = bank.to(_DTYPES[self.config.feature_dtype])
+        self.grid = tuple(int(v) for v in state["grid"]) if "grid" in state else None
         search_state = {
             k.removeprefix("search."): v for k, v in state.items() if k.startswith("search.")
         }
@@ -180,6 +217,7 @@ class PatchCore(Model):
             "memory_bank_rows": rows,
             "train_patches": self.train_patches,
             "embedding_dim": self.config.embedding_dim,
+            "stored_dim": self.embedder.dim,  # < embedding_dim: exact low-rank coordinates
             "backbone": self.config.backbone,
             "weights": self.aggregator.weights,
         }

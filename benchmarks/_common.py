@@ -1,0 +1,211 @@
+"""Helpers shared by the ``*_vs_anomalib.py`` benchmarks.
+
+The parent process (hamacho's venv) turns a category folder into normalised tensors once and
+saves them, with the backbone's weights, to a temp dir; each tool then runs in its own worker
+process (anomalib's in its own venv) so its peak RSS is its own. Worker-side helpers here import
+neither hamacho nor anomalib: the anomalib venv has no hamacho.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_ANOMALIB_PYTHON = "/work/anomalib-venv/bin/python"
+_HEADS = ("fc.", "classifier.", "conv_head.", "bn2.", "head.")  # dropped by features_only nets
+
+
+# -- parent side (hamacho venv) ----------------------------------------------------------------
+def default_anomalib_python() -> str | None:
+    """The anomalib venv's interpreter when it exists, else None."""
+    return DEFAULT_ANOMALIB_PYTHON if Path(DEFAULT_ANOMALIB_PYTHON).exists() else None
+
+
+def load_category(
+    root: str | Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 256,
+    crop_size: int | None = 224,
+) -> dict[str, torch.Tensor]:
+    """An MVTec-layout folder as the tensors both tools get, preprocessed by hamacho's loader.
+
+    Returns train (N, 3, S, S), test (M, 3, S, S) float32 normalised, labels (M,) int64 and
+    masks (M, S, S) uint8.
+    """
+    from hamacho.components import data
+
+    cfg = data.DataConfig(image_size=image_size, crop_size=crop_size, batch_size=32)
+    out: dict[str, torch.Tensor] = {}
+    for split in ("train", "test"):
+        dataset = data.ImageDataset(data.find_samples(Path(root), split), cfg, mean, std)
+        batches = list(data.make_loader(dataset, cfg.batch_size))
+        out[split] = torch.cat([b["image"] for b in batches])
+        if split == "test":
+            out["labels"] = torch.cat([torch.as_tensor(b["label"]) for b in batches]).long()
+            out["masks"] = torch.cat([b["mask"][:, 0] > 0.5 for b in batches]).to(torch.uint8)
+    return out
+
+
+def save_backbone(name: str, weights: str, path: str | Path) -> dict[str, Any]:
+    """Resolve a backbone the way hamacho does and save its state dict for the other tool.
+
+    Returns {"mean", "std", "weights"} (normalisation and weights identity).
+    """
+    from hamacho.components.backbones import load_backbone
+
+    backbone = load_backbone(name, weights)
+    torch.save(backbone.module.state_dict(), path)
+    return {"mean": list(backbone.mean), "std": list(backbone.std), "weights": backbone.weights}
+
+
+def run_worker(python: str, script: str | Path, args: Sequence[str], timeout: float) -> None:
+    """Run ``python script args`` as a separate process; raise with its stderr tail on failure."""
+    cmd = [python, str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"worker failed ({' '.join(cmd)}):\n{tail}")
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
+    """Print a markdown table; ``columns`` are (key, header, format spec) and None prints '-'."""
+    header = [title for _, title, _ in columns]
+    body = [
+        [("-" if row.get(key) is None else format(row[key], spec)) for key, _, spec in columns]
+        for row in rows
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in body:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+# -- worker side (either venv; no hamacho import) ----------------------------------------------
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """Read what ``save_tensors``/``torch.save`` wrote (tensors and plain values, no pickles)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_tensors(path: str | Path, values: dict[str, Any]) -> None:
+    """Write tensors and plain values for ``load_tensors``."""
+    torch.save(values, path)
+
+
+def load_into_features_net(net: torch.nn.Module, path: str | Path) -> None:
+    """Load a full-network state dict into a truncated (features_only) copy of that network."""
+    result = net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), False)
+    extra = [k for k in result.unexpected_keys if not k.startswith(_HEADS)]
+    if result.missing_keys or extra:
+        raise RuntimeError(
+            f"weights {path} do not fit: missing {result.missing_keys[:3]}, unexpected {extra[:3]}"
+        )
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MiB."""
+    return _proc_status("VmRSS") or peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since start (or since ``reset_peak_rss``) in MiB."""
+    return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS counter at the current RSS (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _proc_status(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def measure_fit(fit: Callable[[], None]) -> dict[str, float]:
+    """Run ``fit`` once: seconds, peak RSS during it (MiB) and how far above the start it rose."""
+    before = rss_mb()
+    exact = reset_peak_rss()
+    start = time.perf_counter()
+    fit()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+    return {
+        "fit_s": seconds,
+        "peak_mb": peak,
+        "fit_delta_mb": peak - before if exact else None,
+    }
+
+
+def measure_inference(
+    predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    images: torch.Tensor,
+    batch_size: int,
+    repeats: int = 1,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Best-of-``repeats`` ms per image over ``images`` in batches (after one warm-up batch).
+
+    ``predict`` maps (B, 3, H, W) -> (scores (B,), maps (B, H, W)). Returns (ms/image, scores,
+    maps) of the last pass.
+    """
+    predict(images[:batch_size])
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        scores, maps = [], []
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            s, m = predict(images[i : i + batch_size])
+            scores.append(s)
+            maps.append(m)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / len(images), torch.cat(scores), torch.cat(maps)
+
+
+def worker_main(
+    argv: Sequence[str], run: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Worker entry, ``argv`` = [options.json, out.pt]: ``run(options, data)`` saved to out.pt."""
+    options = json.loads(Path(argv[0]).read_text())
+    if options.get("threads"):
+        torch.set_num_threads(int(options["threads"]))
+    torch.manual_seed(options.get("seed", 0))
+    data = load_tensors(options["data"])
+    save_tensors(argv[1], run(options, data))
+
+
+def run_tool(
+    python: str,
+    script: str | Path,
+    options: dict[str, Any],
+    workdir: Path,
+    tag: str,
+    timeout: float = 3600,
+) -> dict[str, Any]:
+    """Run ``python script --worker options.json out.pt`` (``script`` hands those two to
+    ``worker_main``) and return what the worker saved."""
+    opts, out = workdir / f"{tag}.json", workdir / f"{tag}.out.pt"
+    opts.write_text(json.dumps(options))
+    run_worker(python, script, ["--worker", str(opts), str(out)], timeout)
+    return load_tensors(out)
+
+
+if __name__ == "__main__":  # pragma: no cover - a library module
+    sys.exit(f"{__file__} is a helper module; run one of the *_vs_anomalib.py scripts")

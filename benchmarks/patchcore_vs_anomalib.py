@@ -1,0 +1,221 @@
+"""hamacho PatchCore against anomalib's PatchcoreModel on one MVTec-layout category.
+
+    python benchmarks/patchcore_vs_anomalib.py /work/shared/datasets/bottle \\
+        [--backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4] [--coreset 0.1] \\
+        [--anomalib-python /work/anomalib-venv/bin/python] [--set model.score=paper ...]
+
+Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop
+to --crop-size) and the same backbone weights (resolved by hamacho, saved to a temp file and
+loaded into anomalib's timm extractor). Each tool fits and predicts in its own process, so peak
+RSS is per tool. Fit = feature extraction + coreset; inference = predict() per batch, best of
+--repeats passes over the test split after a warm-up batch. Metrics: hamacho.components.metrics
+on both tools' outputs. anomalib is only a benchmark dependency (its own venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (
+    default_anomalib_python,
+    load_into_features_net,
+    measure_fit,
+    measure_inference,
+    print_table,
+    run_tool,
+    worker_main,
+)
+
+COLUMNS = (
+    ("tool", "tool", ""),
+    ("fit_s", "fit s", ".1f"),
+    ("ms_b1", "ms/img b1", ".1f"),
+    ("ms_b32", "ms/img b32", ".1f"),
+    ("peak_mb", "peak MB", ".0f"),
+    ("fit_delta_mb", "fit +MB", ".0f"),
+    ("bank", "bank", "d"),
+    ("image_auroc", "image AUROC", ".4f"),
+    ("pixel_auroc", "pixel AUROC", ".4f"),
+)
+
+
+# -- workers -----------------------------------------------------------------------------------
+def _batches(images: torch.Tensor, size: int):
+    for i in range(0, len(images), size):
+        yield {"image": images[i : i + size]}
+
+
+def _inference(predict, data: dict[str, Any], repeats: int) -> dict[str, Any]:
+    ms_b1, _, _ = measure_inference(predict, data["test"], 1, repeats)
+    ms_b32, scores, maps = measure_inference(predict, data["test"], 32, repeats)
+    return {"ms_b1": ms_b1, "ms_b32": ms_b32, "scores": scores.float(), "maps": maps.float()}
+
+
+def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Fit and time hamacho's PatchCore (worker process, hamacho venv)."""
+    from hamacho_patchcore import PatchCore
+
+    from hamacho import config as config_mod
+    from hamacho.engine import build_config, make_components
+
+    cfg = build_config(PatchCore)
+    model_cfg = {
+        "backbone": options["backbone"],
+        "layers": options["layers"],
+        "weights": options["weights"],
+        "coreset_ratio": options["coreset"],
+        "num_neighbors": options["num_neighbors"],
+    }
+    config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
+    config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
+    model = PatchCore(cfg.model, make_components(cfg))
+    stats = measure_fit(lambda: model.fit(_batches(data["train"], options["batch_size"])))
+
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.predict(x)
+        return out.scores, out.maps
+
+    return {
+        **stats,
+        "bank": int(model.bank.shape[0]),
+        **_inference(predict, data, options["repeats"]),
+    }
+
+
+def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Fit and time anomalib's PatchcoreModel (worker process, anomalib venv)."""
+    import os
+    import warnings
+
+    import numpy as np
+
+    os.environ["TQDM_DISABLE"] = "1"
+    warnings.filterwarnings("ignore")
+    np.random.seed(options["seed"])  # KCenterGreedy's random projection draws from numpy
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    model = PatchcoreModel(
+        layers=options["layers"],
+        backbone=options["backbone"],
+        pre_trained=False,
+        num_neighbors=options["num_neighbors"],
+    )
+    load_into_features_net(model.feature_extractor.feature_extractor, options["weights_file"])
+
+    def fit() -> None:
+        model.train()
+        with torch.no_grad():
+            for batch in _batches(data["train"], options["batch_size"]):
+                model(batch["image"])
+        model.subsample_embedding(sampling_ratio=options["coreset"])
+
+    stats = measure_fit(fit)
+    model.eval()
+
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = model(x)
+        return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
+
+    bank = int(model.memory_bank.shape[0])
+    return {**stats, "bank": bank, **_inference(predict, data, options["repeats"])}
+
+
+# -- parent ------------------------------------------------------------------------------------
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("category", help="MVTec-layout folder (train/good, test/*, ground_truth)")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
+    parser.add_argument("--weights", default="imagenet", help="imagenet | none | weight file")
+    parser.add_argument("--coreset", type=float, default=0.1, help="coreset ratio")
+    parser.add_argument("--num-neighbors", type=int, default=9)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--crop-size", type=int, default=224, help="0 = no centre crop")
+    parser.add_argument("--batch-size", type=int, default=32, help="fit batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="inference passes (best kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="hamacho model.KEY=VALUE"
+    )
+    parser.add_argument(
+        "--anomalib-python",
+        default=default_anomalib_python(),
+        help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
+    )
+    parser.add_argument("--skip-anomalib", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    """Prepare data once, run each tool in its own process, print one table."""
+    if argv[:1] == ["--worker"]:
+        options = __import__("json").loads(Path(argv[1]).read_text())
+        worker_main(argv[1:], run_anomalib if options["tool"] == "anomalib" else run_hamacho)
+        return
+    args = _parse(argv)
+    from _common import load_category, save_backbone
+
+    from hamacho.components import metrics
+
+    with tempfile.TemporaryDirectory(prefix="hamacho-bench-") as tmp:
+        work = Path(tmp)
+        weights_file = work / "backbone.pt"
+        backbone = save_backbone(args.backbone, args.weights, weights_file)
+        data = load_category(
+            args.category,
+            backbone["mean"],
+            backbone["std"],
+            args.image_size,
+            args.crop_size or None,
+        )
+        torch.save(data, work / "data.pt")
+        options = {
+            "data": str(work / "data.pt"),
+            "weights_file": str(weights_file),
+            "backbone": args.backbone,
+            "layers": args.layers,
+            "weights": args.weights,
+            "coreset": args.coreset,
+            "num_neighbors": args.num_neighbors,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "seed": args.seed,
+            "overrides": args.overrides,
+        }
+        tools = [("hamacho", sys.executable)]
+        if args.anomalib_python and not args.skip_anomalib:
+            tools.append(("anomalib", args.anomalib_python))
+        rows = []
+        for tool, python in tools:
+            print(f"running {tool} ...", file=sys.stderr, flush=True)
+            out = run_tool(python, __file__, {**options, "tool": tool}, work, tool)
+            out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
+            out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
+            rows.append({"tool": tool, **out})
+    crop = f"centre crop {args.crop_size}" if args.crop_size else "no crop"
+    print(
+        f"\nPatchCore on {args.category}: {len(data['train'])} train / {len(data['test'])} test, "
+        f"resize {args.image_size} + {crop}, {args.backbone} {'+'.join(args.layers)}, "
+        f"coreset {args.coreset}, weights {backbone['weights']}, {torch.get_num_threads()} "
+        f"threads; hamacho overrides: {' '.join(args.overrides) or 'none'}\n"
+    )
+    print_table(rows, COLUMNS)
+    if len(rows) == 2:
+        h, a = rows
+        print(
+            f"\nhamacho vs anomalib: fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
+            f"{a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / {a['ms_b32'] / h['ms_b32']:.1f}x "
+            f"(batch 32) throughput, peak RSS {h['peak_mb'] / a['peak_mb']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,219 @@
+"""PatchCore plugin: embedding recipe, memory bank, scores, save/load and config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hamacho_patchcore.model import PatchCore, PatchCoreConfig
+from hamacho_patchcore.torch_model import PatchEmbedder
+from torch import nn
+
+from hamacho import config as config_mod
+from hamacho.components import artifact, data, metrics
+from hamacho.components.features import NetworkFeatureAggregator
+from hamacho.components.synthetic import make_synthetic_dataset
+from hamacho.engine import make_components
+from hamacho.errors import ArtifactError, BackboneError, ConfigError
+
+# resnet18 with random weights, small embeddings: fast, and enough to check the mechanics
+TINY = {"backbone": "resnet18", "weights": "none", "pretrain_embed_dim": 64, "embedding_dim": 32}
+
+
+def _model(**overrides: object) -> PatchCore:
+    cfg = config_mod.resolve(
+        PatchCoreConfig, [{"model": {**TINY, **overrides}, "run": {"device": "cpu"}}]
+    )
+    return PatchCore(cfg.model, make_components(cfg))
+
+
+def _images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(images: torch.Tensor, size: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [{"image": images[i : i + size]} for i in range(0, len(images), size)]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> PatchCore:
+    model = _model(coreset_ratio=0.25)
+    model.fit(_batches(_images(8)))
+    return model
+
+
+def _recipe(features: list[torch.Tensor], pretrain: int, dim: int) -> torch.Tensor:
+    """The recipe written out step by step: (B, h*w, dim)."""
+    grid = features[0].shape[-2:]
+    pooled = []
+    for fmap in features:
+        fmap = F.avg_pool2d(fmap, 3, stride=1, padding=1)
+        fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+        vectors = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        b, p, c = vectors.shape
+        pooled.append(
+            F.adaptive_avg_pool1d(vectors.reshape(b * p, 1, c), pretrain).reshape(b, p, -1)
+        )
+    stacked = torch.cat(pooled, dim=2)
+    b, p, c = stacked.shape
+    return F.adaptive_avg_pool1d(stacked.reshape(b * p, 1, c), dim).reshape(b, p, dim)
+
+
+def _tiny_aggregator() -> NetworkFeatureAggregator:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 10, 3, stride=2, padding=1),
+        nn.ReLU(),
+    )
+    return NetworkFeatureAggregator(net, ["1", "3"], device="cpu")
+
+
+def test_embedder_resnet18_shapes() -> None:
+    agg = NetworkFeatureAggregator("resnet18", ["layer2", "layer3"], weights="none", device="cpu")
+    embedder = PatchEmbedder(agg, agg.feature_dimensions(), 3, 1024, 1024)
+    emb, grid = embedder(_images(2, 224))
+    assert grid == (28, 28)
+    # 128 + 256 channels pooled up to 1024: stored in their 384 exact coordinates
+    assert embedder.dim == 384 and emb.shape == (2, 784, 384)
+    small = PatchEmbedder(agg, agg.feature_dimensions(), 3, 64, 32)
+    emb, _ = small(_images(1, 224))
+    assert small.basis is None and emb.shape == (1, 784, 32)
+
+
+def test_embedder_pooled_path_matches_recipe() -> None:
+    agg = _tiny_aggregator()
+    embedder = PatchEmbedder(agg, [6, 10], 3, 8, 4)  # rank 4 == embedding_dim: pooled path
+    images = _images(2, 32)
+    emb, grid = embedder(images)
+    expected = _recipe(list(agg(images).values()), 8, 4)
+    assert grid == (16, 16) and embedder.basis is None
+    torch.testing.assert_close(emb, expected)
+
+
+def test_embedder_low_rank_path_is_isometric_to_recipe() -> None:
+    agg = _tiny_aggregator()
+    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64)  # 16 channels pooled up to 64
+    images = _images(2, 32)
+    emb, _ = embedder(images)
+    expected = _recipe(list(agg(images).values()), 32, 64)
+    assert emb.shape == (2, 256, 16) and embedder.basis.shape == (64, 16)
+    torch.testing.assert_close(emb @ embedder.basis.T, expected, atol=1e-5, rtol=1e-5)
+    a, b = emb.reshape(-1, 16), expected.reshape(-1, 64)
+    dist_a = (a[:40, None] - a[None]).norm(dim=-1)
+    dist_b = (b[:40, None] - b[None]).norm(dim=-1)
+    torch.testing.assert_close(dist_a, dist_b, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_bank_honours_coreset_ratio_and_max_bank_size() -> None:
+    images = _images(10)  # 64 px -> 8 x 8 layer2 grid -> 640 patches
+    model = _model(coreset_ratio=0.1)
+    model.fit(_batches(images))
+    assert model.train_patches == 640 and model.bank.shape == (64, 32)
+    assert model.bank.dtype == torch.float16
+    capped = _model(coreset_ratio=0.1, max_bank_size=20)
+    capped.fit(_batches(images))
+    assert capped.bank.shape == (20, 32) and capped.info()["memory_bank_rows"] == 20
+
+
+def test_fit_float16_bank_scores_like_float32(fitted: PatchCore) -> None:
+    wide = _model(coreset_ratio=0.25, feature_dtype="float32")
+    wide.fit(_batches(_images(8)))
+    assert wide.bank.dtype == torch.float32
+    torch.testing.assert_close(fitted.bank.float(), wide.bank, atol=2e-3, rtol=2e-3)
+    test = _images(3, seed=1)
+    half, full = fitted.predict(test), wide.predict(test)
+    torch.testing.assert_close(half.scores, full.scores, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(half.maps, full.maps, rtol=2e-3, atol=1e-3)
+
+
+def test_predict_paper_score_is_reweighted_max(fitted: PatchCore) -> None:
+    test = _images(3, seed=2)
+    by_max = fitted.predict(test)
+    fitted.config.score = "paper"
+    try:
+        by_paper = fitted.predict(test)
+    finally:
+        fitted.config.score = "max"
+    assert by_max.scores.shape == by_paper.scores.shape == (3,)
+    assert (by_paper.scores < by_max.scores).all() and (by_paper.scores > 0).all()
+    torch.testing.assert_close(by_paper.maps, by_max.maps)
+
+
+def test_predict_maps_and_scores_shapes(fitted: PatchCore) -> None:
+    pred = fitted.predict(_images(2, size=80, seed=3))
+    assert pred.scores.shape == (2,) and pred.maps.shape == (2, 80, 80)
+    assert torch.allclose(pred.scores, pred.maps.flatten(1).amax(1), rtol=0.5)  # blur lowers it
+
+
+def test_state_dict_round_trip_identical(fitted: PatchCore, tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    artifact.save_artifact(path, fitted.state_dict(), {"model": "patchcore"})
+    state, _ = artifact.load_artifact(path)
+    loaded = _model(coreset_ratio=0.25)
+    loaded.load_state_dict(state)
+    test = _images(3, seed=4)
+    first, second = fitted.predict(test), loaded.predict(test)
+    assert torch.equal(first.scores, second.scores) and torch.equal(first.maps, second.maps)
+    assert torch.equal(loaded.bank, fitted.bank) and loaded.grid == fitted.grid
+
+
+def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(
+        tmp_path / "d", n_train=12, n_test_good=4, n_test_defect=6, size=96
+    )
+    model = _model(
+        backbone="tf_efficientnet_lite0",
+        layers=["blocks.2", "blocks.4"],
+        weights="imagenet",
+        pretrain_embed_dim=1024,
+        embedding_dim=1024,
+    )
+    assert model.embedder.dim == 152  # 40 + 112 channels: exact low-rank coordinates
+    cfg = data.DataConfig(image_size=96, crop_size=None, batch_size=6)
+    mean, std = model.normalization()
+    train = data.ImageDataset(data.find_samples(root, "train"), cfg, mean, std)
+    model.fit(data.make_loader(train, cfg.batch_size))
+    test = data.ImageDataset(data.find_samples(root, "test"), cfg, mean, std)
+    batch = next(iter(data.make_loader(test, len(test))))
+    pred = model.predict(batch["image"])
+    labels = torch.as_tensor(batch["label"])
+    assert pred.scores[labels == 1].min() > pred.scores[labels == 0].max()
+    assert metrics.pixel_auroc(batch["mask"][:, 0], pred.maps) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"score": "mean"}, "model.score"),
+        ({"coreset_ratio": 0.0}, "coreset_ratio"),
+        ({"coreset_ratio": 1.5}, "coreset_ratio"),
+        ({"feature_dtype": "int8"}, "feature_dtype"),
+        ({"patch_size": 2}, "patch_size"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"num_neighbors": 0}, "num_neighbors"),
+        ({"max_bank_size": -1}, "max_bank_size"),
+        ({"search": "annoy"}, "annoy"),
+    ],
+)
+def test_config_errors_name_the_setting(overrides: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _model(**overrides)
+
+
+def test_config_unknown_layer_lists_valid_ones() -> None:
+    with pytest.raises(BackboneError, match="layer5.*Valid layers"):
+        _model(layers=["layer2", "layer5"])
+
+
+def test_predict_before_fit_and_bad_state_raise() -> None:
+    model = _model()
+    with pytest.raises(ConfigError, match="before fit"):
+        model.predict(_images(1))
+    with pytest.raises(ConfigError, match="not been fitted"):
+        model.state_dict()
+    with pytest.raises(ArtifactError, match="memory_bank"):
+        model.load_state_dict({"memory_bank": torch.zeros(4, 7), "grid": torch.tensor([8, 8])})
