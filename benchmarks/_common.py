@@ -179,6 +179,13 @@ def measure_inference(
     return 1000 * best / len(images), torch.cat(scores), torch.cat(maps)
 
 
+def inference_stats(predict: Callable, test: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """ms/image at batch 1 and 32, plus the batch-32 scores and maps (for the metrics)."""
+    ms_b1, _, _ = measure_inference(predict, test, 1, repeats)
+    ms_b32, scores, maps = measure_inference(predict, test, 32, repeats)
+    return {"ms_b1": ms_b1, "ms_b32": ms_b32, "scores": scores.float(), "maps": maps.float()}
+
+
 def worker_main(
     argv: Sequence[str], run: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 ) -> None:

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from _common import (
     default_anomalib_python,
+    inference_stats,
     load_into_features_net,
     measure_fit,
-    measure_inference,
     print_table,
     run_tool,
     worker_main,
@@ -74,12 +74,6 @@ def _batches(images: torch.Tensor, size: int, total: int = 0) -> Iterator[torch.
         yield batch
 
 
-def _inference(predict, data: dict[str, Any], repeats: int) -> dict[str, Any]:
-    ms_b1, _, _ = measure_inference(predict, data["test"], 1, repeats)
-    ms_b32, scores, maps = measure_inference(predict, data["test"], 32, repeats)
-    return {"ms_b1": ms_b1, "ms_b32": ms_b32, "scores": scores.float(), "maps": maps.float()}
-
-
 def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Fit and time hamacho's PaDiM (worker process, hamacho venv)."""
     from hamacho_padim import Padim
@@ -108,7 +102,7 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
         pred = model.predict(x)
         return pred.scores, pred.maps
 
-    return {**out, **_inference(predict, data, options["repeats"])}
+    return {**out, **inference_stats(predict, data["test"], options["repeats"])}
 
 
 def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +142,7 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
             pred = model(x)
         return pred.pred_score.reshape(-1), pred.anomaly_map[:, 0]
 
-    return {**out, **_inference(predict, data, options["repeats"])}
+    return {**out, **inference_stats(predict, data["test"], options["repeats"])}
 
 
 # -- parent ------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from _common import (
     default_anomalib_python,
+    inference_stats,
     load_into_features_net,
     measure_fit,
-    measure_inference,
     print_table,
     run_tool,
     worker_main,
@@ -48,12 +48,6 @@ COLUMNS = (
 def _batches(images: torch.Tensor, size: int):
     for i in range(0, len(images), size):
         yield {"image": images[i : i + size]}
-
-
-def _inference(predict, data: dict[str, Any], repeats: int) -> dict[str, Any]:
-    ms_b1, _, _ = measure_inference(predict, data["test"], 1, repeats)
-    ms_b32, scores, maps = measure_inference(predict, data["test"], 32, repeats)
-    return {"ms_b1": ms_b1, "ms_b32": ms_b32, "scores": scores.float(), "maps": maps.float()}
 
 
 def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +77,7 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
     return {
         **stats,
         "bank": int(model.bank.shape[0]),
-        **_inference(predict, data, options["repeats"]),
+        **inference_stats(predict, data["test"], options["repeats"]),
     }
 
 
@@ -123,7 +117,7 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
         return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
 
     bank = int(model.memory_bank.shape[0])
-    return {**stats, "bank": bank, **_inference(predict, data, options["repeats"])}
+    return {**stats, "bank": bank, **inference_stats(predict, data["test"], options["repeats"])}
 
 
 # -- parent ------------------------------------------------------------------------------------
