@@ -108,6 +108,15 @@ def test_embedder_low_rank_path_is_isometric_to_recipe() -> None:
     torch.testing.assert_close(dist_a, dist_b, atol=1e-5, rtol=1e-5)
 
 
+def test_embedder_chunks_match_whole_batch() -> None:
+    agg = _tiny_aggregator()
+    images = _images(5, 32)
+    whole, grid = PatchEmbedder(agg, [6, 10], 3, 32, 64)(images)
+    chunked, grid2 = PatchEmbedder(agg, [6, 10], 3, 32, 64, chunk=2)(images)
+    assert grid == grid2 and chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_fit_bank_honours_coreset_ratio_and_max_bank_size() -> None:
     images = _images(10)  # 64 px -> 8 x 8 layer2 grid -> 640 patches
     model = _model(coreset_ratio=0.1)
@@ -141,6 +150,11 @@ def test_predict_paper_score_is_reweighted_max(fitted: PatchCore) -> None:
     assert by_max.scores.shape == by_paper.scores.shape == (3,)
     assert (by_paper.scores < by_max.scores).all() and (by_paper.scores > 0).all()
     torch.testing.assert_close(by_paper.maps, by_max.maps)
+    fitted.config.score, fitted.config.num_neighbors = "paper", 1
+    try:  # one neighbour: the re-weighting is undefined, the max score is kept
+        torch.testing.assert_close(fitted.predict(test).scores, by_max.scores)
+    finally:
+        fitted.config.score, fitted.config.num_neighbors = "max", 9
 
 
 def test_predict_maps_and_scores_shapes(fitted: PatchCore) -> None:
@@ -196,6 +210,7 @@ def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> Non
         ({"embedding_dim": 0}, "embedding_dim"),
         ({"num_neighbors": 0}, "num_neighbors"),
         ({"max_bank_size": -1}, "max_bank_size"),
+        ({"backbone_batch": -1}, "backbone_batch"),
         ({"search": "annoy"}, "annoy"),
     ],
 )

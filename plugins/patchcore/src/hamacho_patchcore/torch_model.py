@@ -124,14 +124,17 @@ def reweighted_scores(
 ) -> torch.Tensor:
     """The paper's image score: the max patch score scaled by how isolated its neighbour is.
 
-    patch_scores (B, P), embeddings (B, P, D), nn_index (B, P) into ``bank`` (N, D).
+    patch_scores (B, P), embeddings (B, P, D), nn_index (B, P) into ``bank`` (N, D). With one
+    neighbour the weight is undefined (softmax of one value), so the max score is returned.
     """
     b = patch_scores.shape[0]
+    k = min(num_neighbors, bank.shape[0])
+    if k < 2:
+        return patch_scores.amax(dim=1)
     worst = patch_scores.argmax(dim=1)  # (B,)
     rows = torch.arange(b)
     test_vec = embeddings[rows, worst].float()  # (B, D)
     star = bank[nn_index[rows, worst]].float()  # (B, D): its nearest bank patch m*
-    k = min(num_neighbors, bank.shape[0])
     _, support = search.search(star, k=k)  # (B, k) neighbours of m* in the bank
     dists = torch.linalg.vector_norm(bank[support].float() - test_vec[:, None], dim=-1)
     # 1 - softmax weight of the nearest one among m*'s neighbourhood
