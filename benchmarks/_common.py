@@ -76,6 +76,30 @@ def run_worker(python: str, script: str | Path, args: Sequence[str], timeout: fl
         raise RuntimeError(f"worker failed ({' '.join(cmd)}):\n{tail}")
 
 
+def tool_runs(
+    variants: Sequence[str], anomalib_python: str | None, skip_anomalib: bool
+) -> list[tuple[str, str, str, list[str]]]:
+    """(label, python, tool, extra overrides) per row: hamacho, each --variant, then anomalib."""
+    runs = [("hamacho", sys.executable, "hamacho", [])]
+    for spec in variants:
+        runs.append(
+            (f"hamacho {spec}", sys.executable, "hamacho", [i for i in spec.split(",") if i])
+        )
+    if anomalib_python and not skip_anomalib:
+        runs.append(("anomalib", anomalib_python, "anomalib", []))
+    return runs
+
+
+def add_variant_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="an extra hamacho row with these overrides on top of --set (repeatable)",
+    )
+
+
 def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
     """Print a markdown table; ``columns`` are (key, header, format spec) and None prints '-'."""
     header = [title for _, title, _ in columns]
@@ -86,8 +110,12 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in body:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    for row, cells in zip(rows, body, strict=True):
+        aligned = [
+            c.ljust(w) if isinstance(row.get(key), str) else c.rjust(w)
+            for c, w, (key, _, _) in zip(cells, widths, columns, strict=True)
+        ]
+        print("| " + " | ".join(aligned) + " |")
 
 
 # -- worker side (either venv; no hamacho import) ----------------------------------------------

@@ -2,7 +2,8 @@
 
     python benchmarks/padim_vs_anomalib.py /work/shared/datasets/{bottle,screw} \\
         [--backbone tf_efficientnet_lite0 --layers blocks.1 blocks.2 blocks.4 --n-features 100] \\
-        [--anomalib-python /work/anomalib-venv/bin/python] [--memory-scaling]
+        [--anomalib-python /work/anomalib-venv/bin/python] [--memory-scaling] \\
+        [--set model.KEY=VALUE ...] [--variant model.border=mirror ...]
 
 Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop
 to --crop-size), the same backbone weights (resolved by hamacho, loaded into anomalib's timm
@@ -28,12 +29,14 @@ from typing import Any
 
 import torch
 from _common import (
+    add_variant_argument,
     default_anomalib_python,
     inference_stats,
     load_into_features_net,
     measure_fit,
     print_table,
     run_tool,
+    tool_runs,
     worker_main,
 )
 
@@ -168,6 +171,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
     )
     parser.add_argument("--skip-anomalib", action="store_true")
+    add_variant_argument(parser)
     parser.add_argument(
         "--memory-scaling",
         action="store_true",
@@ -193,32 +197,26 @@ def _options(args: argparse.Namespace, work: Path, weights_file: Path) -> dict[s
     }
 
 
-def _tools(args: argparse.Namespace) -> list[tuple[str, str]]:
-    tools = [("hamacho", sys.executable)]
-    if args.anomalib_python and not args.skip_anomalib:
-        tools.append(("anomalib", args.anomalib_python))
-    return tools
-
-
 def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data: dict) -> list:
     from hamacho.components import metrics
 
     rows, channels = [], None
-    for tool, python in _tools(args):
-        print(f"running {tool} on {Path(options['category']).name} ...", file=sys.stderr)
-        opts = {**options, "tool": tool, "channels": channels}
-        out = run_tool(python, __file__, opts, work, tool)
-        if tool == "hamacho":
+    runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
+    for i, (label, python, tool, extra) in enumerate(runs):
+        print(f"running {label} on {Path(options['category']).name} ...", file=sys.stderr)
+        opts = {**options, "tool": tool, "channels": channels, "overrides": args.overrides + extra}
+        out = run_tool(python, __file__, opts, work, f"{tool}-{i}")
+        if channels is None and tool == "hamacho":
             channels = out["channels"].tolist()
         out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
         out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
-        rows.append({"category": Path(options["category"]).name, "tool": tool, **out})
+        rows.append({"category": Path(options["category"]).name, "tool": label, **out})
     return rows
 
 
 def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> list:
     rows, channels = [], None
-    for tool, python in _tools(args):
+    for _, python, tool, _ in tool_runs([], args.anomalib_python, args.skip_anomalib):
         for n in args.scaling_sizes:
             print(f"fitting {tool} on {n} images ...", file=sys.stderr)
             opts = {**options, "tool": tool, "n_train": n, "fit_only": True, "channels": channels}
@@ -268,10 +266,12 @@ def main(argv: list[str]) -> None:
 def _print_ratios(rows: list[dict[str, Any]]) -> None:
     by = {(r["category"], r["tool"]): r for r in rows}
     for category in dict.fromkeys(r["category"] for r in rows):
-        h, a = by.get((category, "hamacho")), by.get((category, "anomalib"))
-        if h and a:
+        a = by.get((category, "anomalib"))
+        for h in [r for r in rows if r["category"] == category and r["tool"] != "anomalib"]:
+            if a is None:
+                break
             print(
-                f"{category}: hamacho fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
+                f"{category}: {h['tool']} fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
                 f"{a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / {a['ms_b32'] / h['ms_b32']:.1f}x "
                 f"(batch 32) faster, peak RSS during fit {h['peak_mb'] / a['peak_mb']:.2f}x, "
                 f"AUROC image {h['image_auroc'] - a['image_auroc']:+.4f} "

@@ -2,7 +2,8 @@
 
     python benchmarks/patchcore_vs_anomalib.py /work/shared/datasets/bottle \\
         [--backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4] [--coreset 0.1] \\
-        [--anomalib-python /work/anomalib-venv/bin/python] [--set model.score=paper ...]
+        [--anomalib-python /work/anomalib-venv/bin/python] [--set model.score=paper ...] \\
+        [--variant model.search=faiss_flat ...]
 
 Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop
 to --crop-size) and the same backbone weights (resolved by hamacho, saved to a temp file and
@@ -22,12 +23,14 @@ from typing import Any
 
 import torch
 from _common import (
+    add_variant_argument,
     default_anomalib_python,
     inference_stats,
     load_into_features_net,
     measure_fit,
     print_table,
     run_tool,
+    tool_runs,
     worker_main,
 )
 
@@ -138,12 +141,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="hamacho model.KEY=VALUE"
     )
+    add_variant_argument(parser)
     parser.add_argument(
         "--anomalib-python",
         default=default_anomalib_python(),
         help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
     )
     parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3 * 3600,
+        help="seconds per tool (anomalib's coreset is slow)",
+    )
     return parser.parse_args(argv)
 
 
@@ -184,16 +194,15 @@ def main(argv: list[str]) -> None:
             "seed": args.seed,
             "overrides": args.overrides,
         }
-        tools = [("hamacho", sys.executable)]
-        if args.anomalib_python and not args.skip_anomalib:
-            tools.append(("anomalib", args.anomalib_python))
         rows = []
-        for tool, python in tools:
-            print(f"running {tool} ...", file=sys.stderr, flush=True)
-            out = run_tool(python, __file__, {**options, "tool": tool}, work, tool)
+        runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
+        for i, (label, python, tool, extra) in enumerate(runs):
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            opts = {**options, "tool": tool, "overrides": args.overrides + extra}
+            out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
             out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
             out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
-            rows.append({"tool": tool, **out})
+            rows.append({"tool": label, **out})
     crop = f"centre crop {args.crop_size}" if args.crop_size else "no crop"
     print(
         f"\nPatchCore on {args.category}: {len(data['train'])} train / {len(data['test'])} test, "
@@ -202,13 +211,15 @@ def main(argv: list[str]) -> None:
         f"threads; hamacho overrides: {' '.join(args.overrides) or 'none'}\n"
     )
     print_table(rows, COLUMNS)
-    if len(rows) == 2:
-        h, a = rows
-        print(
-            f"\nhamacho vs anomalib: fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
-            f"{a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / {a['ms_b32'] / h['ms_b32']:.1f}x "
-            f"(batch 32) throughput, peak RSS {h['peak_mb'] / a['peak_mb']:.2f}x"
-        )
+    if rows[-1]["tool"] == "anomalib":
+        a = rows[-1]
+        print()
+        for h in rows[:-1]:
+            print(
+                f"{h['tool']} vs anomalib: fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
+                f"{a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / {a['ms_b32'] / h['ms_b32']:.1f}x "
+                f"(batch 32) throughput, peak RSS {h['peak_mb'] / a['peak_mb']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -18,27 +18,41 @@ def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> 
     return (kernel / kernel.sum()).to(device=device, dtype=dtype)
 
 
-def _symmetric_index(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Indices padding an axis by `radius` with half-sample symmetry (d c b a | a b c d).
+BORDERS = ("reflect", "mirror")
 
-    This is scipy.ndimage's "reflect" mode; unlike torch's reflect padding it also works when
-    the radius exceeds the axis length (the mirror image repeats with period 2*size).
+
+def _symmetric_index(
+    size: int, radius: int, device: torch.device, border: str = "reflect"
+) -> torch.Tensor:
+    """Indices padding an axis by `radius` with scipy.ndimage's symmetric border modes.
+
+    "reflect" repeats the edge sample (d c b a | a b c d), scipy's default and the PatchCore and
+    PaDiM references' choice; "mirror" does not (d c b | a b c d), like torch/kornia "reflect"
+    padding, which anomalib uses. Unlike torch's padding both work for any radius: the mirror
+    image repeats with period 2*size (2*size - 2 for "mirror").
     """
-    pos = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    pos = torch.arange(-radius, size + radius, device=device)
+    if border == "mirror":
+        if size == 1:
+            return torch.zeros_like(pos)
+        pos = pos % (2 * size - 2)
+        return torch.where(pos < size, pos, 2 * size - 2 - pos)
+    pos = pos % (2 * size)
     return torch.where(pos < size, pos, 2 * size - 1 - pos)
 
 
-def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur (B, H, W) maps with a separable Gaussian, matching scipy.ndimage.gaussian_filter."""
+def gaussian_blur2d(maps: torch.Tensor, sigma: float, border: str = "reflect") -> torch.Tensor:
+    """Blur (B, H, W) maps with a separable Gaussian, matching scipy.ndimage.gaussian_filter
+    with ``mode=border`` ("reflect" or "mirror")."""
     if sigma <= 0:
         return maps
     kernel = _gaussian_kernel(sigma, maps.dtype, maps.device)
     radius = kernel.numel() // 2
     height, width = maps.shape[-2:]
     x = maps[:, None]  # (B, H, W) -> (B, 1, H, W) for conv2d
-    x = x[..., _symmetric_index(width, radius, maps.device)]  # (B, 1, H, W + 2r)
+    x = x[..., _symmetric_index(width, radius, maps.device, border)]  # (B, 1, H, W + 2r)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))  # (B, 1, H, W)
-    x = x[..., _symmetric_index(height, radius, maps.device), :]  # (B, 1, H + 2r, W)
+    x = x[..., _symmetric_index(height, radius, maps.device, border), :]  # (B, 1, H + 2r, W)
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))  # (B, 1, H, W)
     return x[:, 0]
 
@@ -47,18 +61,22 @@ class AnomalyMapGenerator:
     """Upsample patch scores bilinearly to the image size, then smooth them with a Gaussian.
 
     `sigma=4` with kernel radius int(4*sigma + 0.5) reproduces the PatchCore reference
-    post-processing (scipy.ndimage.gaussian_filter); `sigma=0` disables the blur.
+    post-processing (scipy.ndimage.gaussian_filter); `sigma=0` disables the blur. `border` is how
+    the blur extends the map past its edges (see `_symmetric_index`).
     """
 
-    def __init__(self, sigma: float = 4.0) -> None:
+    def __init__(self, sigma: float = 4.0, border: str = "reflect") -> None:
+        if border not in BORDERS:
+            raise ConfigError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
             raise ConfigError(f"maps.sigma must be a number >= 0 (0 disables blur), got {sigma!r}")
         if math.isinf(sigma):
             raise ConfigError("maps.sigma must be finite; use a value such as 4")
         self.sigma = float(sigma)
+        self.border = border
 
     def __repr__(self) -> str:
-        return f"AnomalyMapGenerator(sigma={self.sigma})"
+        return f"AnomalyMapGenerator(sigma={self.sigma}, border={self.border!r})"
 
     def __call__(self, patch_scores: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
         """Map (B, h, w) (or (B, 1, h, w)) patch scores to (B, H, W) anomaly maps."""
@@ -77,4 +95,4 @@ class AnomalyMapGenerator:
             # (B, h, w) -> (B, 1, h, w) -> (B, 1, H, W) -> (B, H, W)
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
             maps = maps[:, 0]
-        return gaussian_blur2d(maps, self.sigma)
+        return gaussian_blur2d(maps, self.sigma, self.border)

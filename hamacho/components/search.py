@@ -20,9 +20,10 @@ _OPTIONS = {
     "faiss_flat": (),
     "faiss_ivfpq": ("nlist", "m", "nbits", "nprobe", "k_factor"),
     "faiss_hnsw": ("M", "efSearch", "efConstruction"),
-    "torch": ("chunk_mb",),
+    "torch": ("chunk_mb", "bank_block"),
 }
 _ROWS = 65536  # rows converted to float32 at a time when feeding faiss
+_BANK_BLOCK = 1024  # bank rows per score tile of the torch backend
 
 
 def _import_faiss(backend: str) -> ModuleType:
@@ -181,11 +182,16 @@ class NearestNeighbourSearch:
         return (dist if squared else dist.sqrt_()), idx
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search in (query block x bank block) score tiles small enough to stay in cache.
+
+        A tile of 2,048 queries x 1,024 bank rows (8 MB) is ~2x faster on a CPU than one
+        784 x 16k tile (51 MB) that spills to memory: the GEMM is then compute bound.
+        """
         bank, bank_sq = self._bank, self._bank_sq
         n = bank.shape[0]
-        budget = int(float(self.options.get("chunk_mb", 256)) * 2**18)  # floats per score block
-        nb = min(n, max(k, budget // 64))  # bank rows per block
-        mq = max(1, budget // nb)  # query rows per block
+        budget = max(1, int(float(self.options.get("chunk_mb", 8)) * 2**18))  # floats per tile
+        nb = min(n, max(k, int(self.options.get("bank_block", _BANK_BLOCK))))  # bank rows
+        mq = max(1, budget // nb)  # query rows per tile
         dist = torch.empty((queries.shape[0], k), dtype=torch.float32)
         idx = torch.empty((queries.shape[0], k), dtype=torch.int64)
         for qs in range(0, queries.shape[0], mq):
@@ -200,10 +206,15 @@ class NearestNeighbourSearch:
                 else:
                     d_, i_ = scores.topk(kk, dim=1, largest=False)
                 i_ += bs
-                if best_d is not None:  # merge with the best of the previous bank blocks
-                    d_, order = torch.cat([best_d, d_], 1).topk(k, dim=1, largest=False)
-                    i_ = torch.cat([best_i, i_], 1).gather(1, order)
-                best_d, best_i = d_, i_
+                if best_d is None:
+                    best_d, best_i = d_, i_
+                elif k == 1:  # running minimum; ties keep the earlier (lower) bank index
+                    better = d_ < best_d
+                    best_d = torch.where(better, d_, best_d)
+                    best_i = torch.where(better, i_, best_i)
+                else:  # merge with the best of the previous bank blocks
+                    best_d, order = torch.cat([best_d, d_], 1).topk(k, dim=1, largest=False)
+                    best_i = torch.cat([best_i, i_], 1).gather(1, order)
             best_d += q.square().sum(1, keepdim=True)
             dist[qs : qs + mq] = best_d.cpu()
             idx[qs : qs + mq] = best_i.cpu()

@@ -43,6 +43,22 @@ def test_blur_radius_larger_than_map_matches_scipy():
     assert np.allclose(blurred[0].numpy(), ndimage.gaussian_filter(maps[0].numpy(), 4.0))
 
 
+@pytest.mark.parametrize("size", [(1, 40), (5, 6), (30, 41)])
+def test_blur_mirror_border_matches_scipy_mirror(size):
+    maps = _scores(1, *size)
+    blurred = gaussian_blur2d(maps, sigma=4.0, border="mirror")
+    expected = ndimage.gaussian_filter(maps[0].numpy(), 4.0, mode="mirror")
+    assert np.allclose(blurred[0].numpy(), expected, atol=1e-12)
+    # the two modes differ at the edges only
+    reflect = gaussian_blur2d(maps, sigma=4.0)
+    assert not torch.allclose(blurred, reflect)
+
+
+def test_generator_rejects_unknown_border():
+    with pytest.raises(ConfigError, match="border must be one of reflect, mirror, got 'wrap'"):
+        AnomalyMapGenerator(border="wrap")
+
+
 def test_blur_kernel_size_follows_truncate_rule():
     impulse = torch.zeros(1, 101, 101, dtype=torch.float64)
     impulse[0, 50, 50] = 1.0

@@ -54,11 +54,13 @@ def test_search_squared_returns_squared_distances(backend):
     torch.testing.assert_close(sq, dist.square(), rtol=1e-4, atol=1e-4)
 
 
-def test_search_torch_chunks_merge_to_exact_topk():
+@pytest.mark.parametrize("k", [1, 4])
+def test_search_torch_tiles_merge_to_exact_topk(k):
     bank, queries = _data(n=1000, m=300)
-    nn = NearestNeighbourSearch("torch", chunk_mb=0.01).fit(bank)  # ~40 bank rows per block
-    dist, idx = nn.search(queries, k=4)
-    ref_dist, ref_idx = _brute_force(bank, queries, 4)
+    # 64 bank rows x 40 queries per tile: 16 bank blocks and 8 query blocks to merge
+    nn = NearestNeighbourSearch("torch", chunk_mb=0.01, bank_block=64).fit(bank)
+    dist, idx = nn.search(queries, k=k)
+    ref_dist, ref_idx = _brute_force(bank, queries, k)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
 

@@ -34,6 +34,7 @@ class PadimConfig:
     n_features: int = 0  # 0 = default_n_features(total channels)
     regularization: float = 0.01
     sigma: float = 4.0
+    border: str = "mirror"  # blur border: mirror (torch/anomalib) | reflect (scipy)
     bf16: bool = False
     seed: int = 0
 
@@ -206,7 +207,7 @@ class Padim(Model):
             )
         gen = torch.Generator().manual_seed(config.seed)
         self._set_channels(torch.randperm(total, generator=gen)[:d].sort().values)
-        self.anomaly_map = components.anomaly_map(sigma=config.sigma)
+        self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
         self.mean: torch.Tensor | None = None  # (P, d)
         self.precision: torch.Tensor | None = None  # (P, d, d): inverse covariance
         self.grid: tuple[int, int] | None = None  # (h, w), P = h * w

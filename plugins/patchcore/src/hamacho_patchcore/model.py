@@ -35,6 +35,7 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     search: str = "auto"
     sigma: float = 4.0
+    border: str = "reflect"  # blur border: reflect (scipy, the references) | mirror
     feature_dtype: str = "float16"  # patch features held during fit and the memory bank
     backbone_batch: int = 4  # images per backbone forward (0 = whole loader batch)
     bf16: bool = False
@@ -99,7 +100,7 @@ class PatchCore(Model):
             chunk=config.backbone_batch,
         )
         self.search = components.search(backend=config.search)
-        self.anomaly_map = components.anomaly_map(sigma=config.sigma)
+        self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
         self.bank: torch.Tensor | None = None  # (N, embedder.dim) in feature_dtype
         self.grid: tuple[int, int] | None = None
         self.train_patches = 0
