@@ -380,7 +380,7 @@ def write_results(output: Path, rows: list[dict[str, Any]]) -> None:
 def _setups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], str]:
     """(model, backbone, layers, weights) -> display label, in first-seen order."""
     keys = list(dict.fromkeys((r["model"], r["backbone"], r["layers"], r["weights"]) for r in rows))
-    labels = {}
+    labels: dict[tuple[str, ...], str] = {}
     for model, backbone, layers, weights in keys:
         label = backbone + (f"@{weights}" if weights else "")
         twins = {k[2] for k in keys if k[:2] == (model, backbone) and k[3] == weights}
@@ -423,11 +423,12 @@ def _category_table(rows: list[dict[str, Any]], setups: dict, metric: str) -> li
     for r in rows:
         if r["status"] == "ok" and r[metric] is not None:
             cells.setdefault((r["dataset"], _key(r)), []).append(float(r[metric]))
-    body, per_setup = [], {key: [] for key in setups}
+    body: list[list[str]] = []
+    per_setup: dict[tuple[str, ...], list[float]] = {key: [] for key in setups}
     for dataset in datasets:
         means = {k: sum(v) / len(v) for k in setups if (v := cells.get((dataset, k)))}
-        for k, v in means.items():
-            per_setup[k].append(v)
+        for k, mean in means.items():
+            per_setup[k].append(mean)
         best = max(means.values(), default=None)
         line = [dataset]
         for k in setups:
@@ -518,11 +519,11 @@ def _font(size: int) -> Any:
 
 def _scatter_points(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[tuple]]:
     """setup key -> [(ms/image, image AUROC, dataset)] per dataset (means over seeds)."""
-    points: dict[tuple[str, ...], list[tuple]] = {}
+    points: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
         if row["status"] == "ok" and row["image_auroc"] is not None:
             points.setdefault(_key(row), []).append(row)
-    out = {}
+    out: dict[tuple[str, ...], list[tuple]] = {}
     for key, mine in points.items():
         datasets = dict.fromkeys(r["dataset"] for r in mine)
         out[key] = [

@@ -397,8 +397,9 @@ def _write_maps(
         panel = visualize.overlay_panel(
             images[i], amap[i], mask[i] if sample.mask else None, threshold, vmin=vmin, vmax=vmax
         )
-        paths.append(out / sample.defect / f"{sample.path.stem}.png")
-        visualize.save_png(paths[-1], panel)
+        path = out / sample.defect / f"{sample.path.stem}.png"
+        paths.append(path)
+        visualize.save_png(path, panel)
     return paths
 
 

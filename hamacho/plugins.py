@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import cast
 
 import pluggy
 
@@ -120,9 +121,10 @@ class Registry:
         found: dict[str, ModelEntry] = {}
         for impl in self.pm.hook.hamacho_register_models.get_hookimpls():
             dist, version = self._dists.get(impl.plugin_name, (impl.plugin_name, ""))
-            classes = impl.function() or []
-            for cls in classes:
-                _validate_model_class(cls, impl.plugin_name, dist)
+            # pluggy types hook results as object; the hookspec returns a list of classes
+            classes = cast("Iterable[object]", impl.function() or [])
+            for obj in classes:
+                cls = _validate_model_class(obj, impl.plugin_name, dist)
                 entry = ModelEntry(cls, impl.plugin_name, dist, version)
                 if cls.name in found:
                     other = found[cls.name]
@@ -164,7 +166,8 @@ def _hook_names() -> list[str]:
     return sorted(n for n in dir(hookspecs) if n.startswith("hamacho_"))
 
 
-def _validate_model_class(cls: Any, plugin: str, dist: str) -> None:
+def _validate_model_class(cls: object, plugin: str, dist: str) -> type[Model]:
+    """Return `cls` if it is a usable model class, else raise PluginError."""
     where = f"plugin {plugin!r} ({dist})"
     if not (isinstance(cls, type) and issubclass(cls, Model)):
         raise PluginError(f"{where} registered {cls!r}, which is not a subclass of hamacho.Model")
@@ -172,6 +175,7 @@ def _validate_model_class(cls: Any, plugin: str, dist: str) -> None:
         raise PluginError(f"{where}: model class {cls.__qualname__} must set a non-empty `name`")
     if not dataclasses.is_dataclass(cls.Config):
         raise PluginError(f"{where}: {cls.__qualname__}.Config must be a dataclass")
+    return cls
 
 
 _registry: Registry | None = None

@@ -34,7 +34,9 @@ class ScoredImage:
     panel: Path | None = None  # its heat-map panel PNG, if written
 
 
-def class_summary(labels: Sequence[int], defects: Sequence[str], scores: Any) -> dict[str, Any]:
+def class_summary(
+    labels: Sequence[int] | np.ndarray, defects: Sequence[str] | np.ndarray, scores: Any
+) -> dict[str, Any]:
     """Images per type and the image AUROC of each defect type against the good images."""
     labels, defects = np.asarray(labels), np.asarray(defects)
     scores = np.asarray(scores, dtype=np.float64)
@@ -323,11 +325,11 @@ def _roc_svg(labels: np.ndarray, scores: np.ndarray, result: dict[str, Any]) -> 
 def _histogram_svg(labels: np.ndarray, scores: np.ndarray, result: dict[str, Any]) -> str:
     if scores.size == 0:
         return "<p class='empty'>No test images.</p>"
-    lines = [
+    marks = [
         (result.get("threshold"), "threshold", "line"),
         (result.get("image_f1_threshold"), "F1-max score", "dashed"),
     ]
-    lines = [(float(v), text, style) for v, text, style in lines if v is not None]
+    lines = [(float(v), text, style) for v, text, style in marks if v is not None]
     lo = min([float(scores.min())] + [v for v, _, _ in lines])
     hi = max([float(scores.max())] + [v for v, _, _ in lines])
     hi = hi if hi > lo else lo + 1.0

@@ -11,11 +11,14 @@ registry for one test and removes it afterwards::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from hamacho.plugins import get_registry
+
+if TYPE_CHECKING:
+    from hamacho.model import Model
 
 
 @pytest.fixture
@@ -39,7 +42,7 @@ def register_plugin() -> Iterator[Callable[..., Any]]:
 
 
 def assert_model_contract(
-    model_cls: type, data_root: Any, overrides: dict[str, Any] | None = None
+    model_cls: type[Model], data_root: Any, overrides: dict[str, Any] | None = None
 ) -> None:
     """Run ``model_cls`` through fit -> predict -> save -> load -> predict and check the results.
 

@@ -141,7 +141,7 @@ def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
         t = tensors[name].contiguous()
         raw = t.reshape(-1).view(torch.uint8)  # works for bf16/bool, which numpy lacks
         h.update(json.dumps([name, str(t.dtype), list(t.shape), raw.numel()]).encode() + b"\n")
-        h.update(raw.numpy())
+        h.update(raw.numpy().data)  # the array's memoryview: no copy
     return h.hexdigest()
 
 

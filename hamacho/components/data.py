@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -157,9 +157,14 @@ class _Transform:
         """Mask PIL image of any mode -> (1, S, S) float32 in {0, 1}; non-zero is defect."""
         values = np.asarray(img)
         if values.ndim == 3:  # colour masks: any non-zero colour channel; alpha is ignored
-            values = values[..., :3].any(axis=2) if values.shape[2] >= 3 else values[..., 0]
-        binary = Image.fromarray((values != 0).astype(np.uint8) * 255)
-        binary = self._fit(binary, Image.Resampling.NEAREST) > 0
+            # any() over an axis of a 3-D array is a 2-D array, never a numpy scalar
+            values = (
+                cast(np.ndarray, values[..., :3].any(axis=2))
+                if values.shape[2] >= 3
+                else values[..., 0]
+            )
+        binary_img = Image.fromarray((values != 0).astype(np.uint8) * 255)
+        binary = self._fit(binary_img, Image.Resampling.NEAREST) > 0
         return torch.from_numpy(binary[None].astype(np.float32))
 
     def empty_mask(self) -> torch.Tensor:
@@ -261,7 +266,8 @@ def make_loader(
 class _Loader(DataLoader):
     """DataLoader whose worker errors keep hamacho's one-line message."""
 
-    def __iter__(self) -> Iterator[Any]:
+    # A generator rather than a _BaseDataLoaderIter: all callers only iterate over it.
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         batches = super().__iter__()
         while True:
             try:
@@ -286,7 +292,7 @@ def _collate(items: list[Any]) -> Any:
     """
     if not isinstance(items[0], dict):
         return default_collate(items)
-    batch = {}
+    batch: dict[str, Any] = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
         if isinstance(first, torch.Tensor) and first.dtype == torch.float32 and not first.is_cuda:
@@ -309,5 +315,6 @@ def load_image_tensor(
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Undo normalisation for display: (3,H,W) or (B,3,H,W) -> (..., H, W, 3) uint8."""
     values = np.moveaxis(images.detach().float().cpu().numpy(), -3, -1)  # (..., H, W, 3)
-    pixels = (values * np.float32(std) + np.float32(mean)) * 255
+    std_a, mean_a = np.asarray(std, dtype=np.float32), np.asarray(mean, dtype=np.float32)
+    pixels = (values * std_a + mean_a) * 255
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

@@ -121,11 +121,11 @@ class _KCenter:
         selected[0] = first
         self._refresh(selected, 1)
         for i in range(1, size):
-            best, j = self.pool_dist.max(0)
+            best, top = self.pool_dist.max(0)
             if best.item() < self.bound:  # a point outside the pool may be farther
                 self._refresh(selected, i)
-                best, j = self.pool_dist.max(0)
-            j = int(j)
+                best, top = self.pool_dist.max(0)
+            j = int(top)
             selected[i] = self.pool_idx[j]
             centre = self.pool_t[:, j][self.perm].mul_(self.scale)
             torch.mv(self.pool_t.T, centre, out=self.buf)  # (pool,) sq. distances to it

@@ -95,6 +95,36 @@ class NearestNeighbourSearch:
     def __repr__(self) -> str:
         return f"NearestNeighbourSearch(backend={self.backend!r}, bank={self._shape})"
 
+    @property
+    def _faiss_module(self) -> ModuleType:
+        """The faiss module of a faiss backend (the torch backend never imports it)."""
+        if self._faiss is None:
+            raise HamachoError(f"search backend '{self.backend}' does not use faiss")
+        return self._faiss
+
+    def _fitted_bank(self) -> torch.Tensor:
+        """The float32 bank kept by the torch and faiss_ivfpq backends once fitted."""
+        if self._bank is None:
+            raise HamachoError(
+                f"search backend '{self.backend}' holds no bank: call fit(bank) or "
+                "load_state_dict() first"
+            )
+        return self._bank
+
+    def _fitted_bank_sq(self) -> torch.Tensor:
+        """Squared row norms of the bank, kept by the torch backend once fitted."""
+        if self._bank_sq is None:
+            raise HamachoError(
+                f"search backend '{self.backend}' holds no bank norms: call fit(bank) first"
+            )
+        return self._bank_sq
+
+    def _fitted_shape(self) -> tuple[int, int]:
+        """(N, D) of the fitted bank."""
+        if self._shape is None:
+            raise HamachoError("search index is empty: call fit(bank) or load_state_dict() first")
+        return self._shape
+
     # ---------------------------------------------------------------- fit
     def fit(self, bank: torch.Tensor) -> NearestNeighbourSearch:
         """Index `bank` (N, D) float32/float16; approximate backends train on it."""
@@ -123,7 +153,7 @@ class NearestNeighbourSearch:
         self._bank_sq.square_()
 
     def _build_faiss(self, bank: torch.Tensor) -> Any:
-        faiss = self._faiss
+        faiss = self._faiss_module
         faiss.omp_set_num_threads(torch.get_num_threads())
         n, d = bank.shape
         if self.backend == "faiss_flat":
@@ -138,7 +168,7 @@ class NearestNeighbourSearch:
             index = faiss.IndexIVFPQ(
                 faiss.IndexFlatL2(d), d, int(opts["nlist"]), int(opts["m"]), int(opts["nbits"])
             )
-            index.train(self._bank.numpy())
+            index.train(self._fitted_bank().numpy())
         self._configure(index)
         index = self._to_gpu(index)
         for _, chunk in _float32_chunks(bank):
@@ -156,20 +186,19 @@ class NearestNeighbourSearch:
         # HNSW has no GPU implementation in faiss; it stays on the CPU.
         if self.device.type != "cuda" or self.backend == "faiss_hnsw":
             return index
-        if not _faiss_has_gpu(self._faiss):
+        faiss = self._faiss_module
+        if not _faiss_has_gpu(faiss):
             logger.info("faiss has no GPU support here; %s index runs on the CPU", self.backend)
             return index
-        self._gpu_res = self._faiss.StandardGpuResources()
-        return self._faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, index)
+        self._gpu_res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, index)
 
     # ------------------------------------------------------------- search
     def search(
         self, queries: torch.Tensor, k: int = 1, squared: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (distances (M, k) float32, indices (M, k) int64) on the CPU, nearest first."""
-        if self._shape is None:
-            raise HamachoError("search index is empty: call fit(bank) or load_state_dict() first")
-        n, d = self._shape
+        n, d = self._fitted_shape()
         if queries.ndim != 2 or queries.shape[1] != d:
             raise DataError(f"queries must be (M, {d}) like the bank, got {tuple(queries.shape)}")
         if not 1 <= k <= n:
@@ -187,28 +216,32 @@ class NearestNeighbourSearch:
         A tile of 2,048 queries x 1,024 bank rows (8 MB) is ~2x faster on a CPU than one
         784 x 16k tile (51 MB) that spills to memory: the GEMM is then compute bound.
         """
-        bank, bank_sq = self._bank, self._bank_sq
+        bank, bank_sq = self._fitted_bank(), self._fitted_bank_sq()
         n = bank.shape[0]
         budget = max(1, int(float(self.options.get("chunk_mb", 8)) * 2**18))  # floats per tile
         nb = min(n, max(k, int(self.options.get("bank_block", _BANK_BLOCK))))  # bank rows
         mq = max(1, budget // nb)  # query rows per tile
         dist = torch.empty((queries.shape[0], k), dtype=torch.float32)
         idx = torch.empty((queries.shape[0], k), dtype=torch.int64)
+
+        def block_top(q: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Top-k of bank rows [bs, bs + nb) for query rows q, as (scores, bank indices)."""
+            # ||b||^2 - 2 q.b : (mq, nb); ||q||^2 is constant per row, added after top-k
+            scores = torch.addmm(bank_sq[bs : bs + nb], q, bank[bs : bs + nb].T, alpha=-2)
+            kk = min(k, scores.shape[1])
+            if kk == 1:
+                d_, i_ = scores.min(dim=1, keepdim=True)
+            else:
+                d_, i_ = scores.topk(kk, dim=1, largest=False)
+            i_ += bs
+            return d_, i_
+
         for qs in range(0, queries.shape[0], mq):
             q = queries[qs : qs + mq].to(self.device, torch.float32)
-            best_d = best_i = None
-            for bs in range(0, n, nb):
-                # ||b||^2 - 2 q.b : (mq, nb); ||q||^2 is constant per row, added after top-k
-                scores = torch.addmm(bank_sq[bs : bs + nb], q, bank[bs : bs + nb].T, alpha=-2)
-                kk = min(k, scores.shape[1])
-                if kk == 1:
-                    d_, i_ = scores.min(dim=1, keepdim=True)
-                else:
-                    d_, i_ = scores.topk(kk, dim=1, largest=False)
-                i_ += bs
-                if best_d is None:
-                    best_d, best_i = d_, i_
-                elif k == 1:  # running minimum; ties keep the earlier (lower) bank index
+            best_d, best_i = block_top(q, 0)  # the bank holds >= 1 row, so block 0 exists
+            for bs in range(nb, n, nb):
+                d_, i_ = block_top(q, bs)
+                if k == 1:  # running minimum; ties keep the earlier (lower) bank index
                     better = d_ < best_d
                     best_d = torch.where(better, d_, best_d)
                     best_i = torch.where(better, i_, best_i)
@@ -221,10 +254,10 @@ class NearestNeighbourSearch:
         return dist, idx
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._faiss.omp_set_num_threads(torch.get_num_threads())
+        self._faiss_module.omp_set_num_threads(torch.get_num_threads())
         kk = k
         if self.backend == "faiss_ivfpq":
-            kk = min(self._shape[0], k * int(self.options.get("k_factor", 4)))
+            kk = min(self._fitted_shape()[0], k * int(self.options.get("k_factor", 4)))
         dist = np.empty((queries.shape[0], kk), dtype=np.float32)
         idx = np.empty((queries.shape[0], kk), dtype=np.int64)
         for start, chunk in _float32_chunks(queries):
@@ -241,9 +274,10 @@ class NearestNeighbourSearch:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-rank IVF-PQ candidates (M, kk) by exact distance, since PQ distances are lossy."""
         exact = torch.empty(cand.shape, dtype=torch.float32)
+        bank = self._fitted_bank()
         for start in range(0, len(cand), 4096):  # bounds the (m, kk, D) gather
             q = queries[start : start + 4096].detach().to("cpu", torch.float32)
-            vecs = self._bank[cand[start : start + 4096].clamp_min(0)]  # (m, kk, D)
+            vecs = bank[cand[start : start + 4096].clamp_min(0)]  # (m, kk, D)
             exact[start : start + 4096] = (vecs - q[:, None, :]).square_().sum(-1)
         exact.masked_fill_(cand < 0, math.inf)  # faiss pads with -1 when lists hold < kk vectors
         dist, order = exact.topk(k, dim=1, largest=False)
@@ -258,8 +292,8 @@ class NearestNeighbourSearch:
         if self.backend in _APPROXIMATE:
             index = self._index
             if self._gpu_res is not None:
-                index = self._faiss.index_gpu_to_cpu(index)
-            state["index"] = torch.from_numpy(self._faiss.serialize_index(index))
+                index = self._faiss_module.index_gpu_to_cpu(index)
+            state["index"] = torch.from_numpy(self._faiss_module.serialize_index(index))
         return state
 
     def _bank_cpu(self) -> torch.Tensor:
@@ -267,7 +301,7 @@ class NearestNeighbourSearch:
             return self._bank.cpu()
         index = self._index
         if self._gpu_res is not None:
-            index = self._faiss.index_gpu_to_cpu(index)
+            index = self._faiss_module.index_gpu_to_cpu(index)
         return torch.from_numpy(index.reconstruct_n(0, index.ntotal))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -278,7 +312,7 @@ class NearestNeighbourSearch:
         if self.backend not in _APPROXIMATE or "index" not in state:
             self.fit(bank)
             return
-        index = self._faiss.deserialize_index(state["index"].numpy())
+        index = self._faiss_module.deserialize_index(state["index"].numpy())
         expected = "IndexHNSWFlat" if self.backend == "faiss_hnsw" else "IndexIVFPQ"
         if type(index).__name__ != expected:
             raise ArtifactError(

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,20 @@ DEFECT_TYPES = ("scratch", "hole", "stain")
 KINDS = ("texture", "object")
 GENERATOR_VERSION = 1  # bump whenever the rendering changes: cached copies are then rebuilt
 DEFAULT_DATASET_NAME = "synthetic_default"
-_DEFAULT_PARAMS = {
+
+
+class _DatasetParams(TypedDict):
+    """Keyword arguments of make_synthetic_dataset that define the default dataset."""
+
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    size: int
+    seed: int
+    kind: str
+
+
+_DEFAULT_PARAMS: _DatasetParams = {
     "n_train": 40,
     "n_test_good": 10,
     "n_test_defect": 15,
@@ -60,11 +74,13 @@ def make_synthetic_dataset(
         if not overwrite:
             raise DataError(f"folder '{root}' is not empty; use a new folder or overwrite=True")
         shutil.rmtree(root)
-    jobs = [(f"train/good/{i:03d}.png", None, (0, i)) for i in range(n_train)]
+    jobs: list[tuple[str, str | None, tuple[int, int]]] = [
+        (f"train/good/{i:03d}.png", None, (0, i)) for i in range(n_train)
+    ]
     jobs += [(f"test/good/{i:03d}.png", None, (1, i)) for i in range(n_test_good)]
     for i in range(n_test_defect):
-        defect = DEFECT_TYPES[i % len(DEFECT_TYPES)]
-        jobs.append((f"test/{defect}/{i // len(DEFECT_TYPES):03d}.png", defect, (2, i)))
+        defect_type = DEFECT_TYPES[i % len(DEFECT_TYPES)]
+        jobs.append((f"test/{defect_type}/{i // len(DEFECT_TYPES):03d}.png", defect_type, (2, i)))
     for name, defect, key in jobs:
         rng = np.random.default_rng([seed, *key])
         _, image, mask = _render_sample(kind, size, rng, defect)
@@ -161,7 +177,8 @@ def _render_object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tup
     hx, hy = dx - 0.3 * radius * lc, dy - 0.3 * radius * ls
     highlight = 0.22 * np.exp(-(hx**2 + hy**2) / (2 * (0.3 * radius) ** 2))
     red = np.array([0.72, 0.16, 0.14], dtype=np.float32) * _uniform(rng, 0.97, 1.03)
-    cap = face[..., None] * red + highlight[..., None] * np.float32([1.0, 0.9, 0.85])
+    glint = np.array([1.0, 0.9, 0.85], dtype=np.float32)  # the highlight's colour
+    cap = face[..., None] * red + highlight[..., None] * glint
 
     inside = inside[..., None]
     image = table * (1 - inside) + cap * inside

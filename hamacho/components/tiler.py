@@ -75,7 +75,8 @@ class Tiler:
             raise ValueError(f"Tiler.tile expects (B, C, H, W), got shape {tuple(images.shape)}")
         channels = images.shape[1]
         size = (self.tile_size, self.tile_size)
-        rows, cols = self._pixel_index(tuple(images.shape[-2:]), size, images.device)
+        image_size = (images.shape[-2], images.shape[-1])
+        rows, cols = self._pixel_index(image_size, size, images.device)
         # Advanced indexing broadcasts rows (R,1,t,1) against cols (1,K,1,t):
         # (B, C, H, W) -> (B, C, R, K, t, t) -> (B, R, K, C, t, t) -> (B*T, C, t, t)
         tiles = images[:, :, rows[:, None, :, None], cols[None, :, None, :]]

@@ -30,7 +30,7 @@ _CONTOUR_WIDTH = 2  # pixels, drawn inside the predicted region
 def _numpy(x: object) -> np.ndarray:
     """Numpy copy of an array or a (CPU/GPU) torch tensor."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy()  # type: ignore[union-attr]
+        x = x.detach().cpu().float().numpy()
     return np.asarray(x)
 
 
