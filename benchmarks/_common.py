@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,22 @@ def _proc_status(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def cycled_batches(images: torch.Tensor, size: int, total: int = 0) -> Iterator[torch.Tensor]:
+    """Batches of ``images``; with ``total``, ``total`` images cycled, each pass shifted and
+    flipped, and all noised (in place, so runs of any length allocate the same per batch)."""
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, total or len(images), size):
+        idx = torch.arange(start, min(start + size, total or len(images)))
+        batch = images[idx % len(images)]  # a copy
+        for i, k in enumerate((idx // len(images)).tolist()):
+            if k:  # pass k > 0: a shifted (and every other pass mirrored) copy
+                shifted = torch.roll(batch[i], shifts=(k, -k), dims=(1, 2))
+                batch[i] = shifted.flip(-1) if k % 2 else shifted
+        if total:
+            batch.add_(torch.randn(batch.shape, generator=gen), alpha=0.05)
+        yield batch
 
 
 def measure_fit(fit: Callable[[], None]) -> dict[str, float]:

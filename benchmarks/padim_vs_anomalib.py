@@ -23,13 +23,13 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import (
     add_variant_argument,
+    cycled_batches,
     default_anomalib_python,
     inference_stats,
     load_into_features_net,
@@ -61,22 +61,6 @@ SCALING_COLUMNS = (
 
 
 # -- workers -----------------------------------------------------------------------------------
-def _batches(images: torch.Tensor, size: int, total: int = 0) -> Iterator[torch.Tensor]:
-    """Batches of ``images``; with ``total``, ``total`` images cycled, each pass shifted and
-    flipped, and all noised (in place, so runs of any length allocate the same per batch)."""
-    gen = torch.Generator().manual_seed(0)
-    for start in range(0, total or len(images), size):
-        idx = torch.arange(start, min(start + size, total or len(images)))
-        batch = images[idx % len(images)]  # a copy
-        for i, k in enumerate((idx // len(images)).tolist()):
-            if k:  # pass k > 0: a shifted (and every other pass mirrored) copy
-                shifted = torch.roll(batch[i], shifts=(k, -k), dims=(1, 2))
-                batch[i] = shifted.flip(-1) if k % 2 else shifted
-        if total:
-            batch.add_(torch.randn(batch.shape, generator=gen), alpha=0.05)
-        yield batch
-
-
 def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Fit and time hamacho's PaDiM (worker process, hamacho venv)."""
     from hamacho_padim import Padim
@@ -95,7 +79,7 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
     config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
     config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
     model = Padim(cfg.model, make_components(cfg))
-    batches = _batches(data["train"], options["batch_size"], options.get("n_train", 0))
+    batches = cycled_batches(data["train"], options["batch_size"], options.get("n_train", 0))
     stats = measure_fit(lambda: model.fit({"image": b} for b in batches))
     out = {**stats, "n_train": model.n_train, "channels": model.channels.clone()}
     if options.get("fit_only"):
@@ -130,7 +114,9 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
         nonlocal n_train
         model.train()
         with torch.no_grad():
-            for batch in _batches(data["train"], options["batch_size"], options.get("n_train", 0)):
+            for batch in cycled_batches(
+                data["train"], options["batch_size"], options.get("n_train", 0)
+            ):
                 model(batch)
                 n_train += len(batch)
         model.fit()

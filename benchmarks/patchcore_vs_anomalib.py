@@ -4,6 +4,8 @@
         [--backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4] [--coreset 0.1] \\
         [--anomalib-python /work/anomalib-venv/bin/python] [--set model.score=paper ...] \\
         [--variant model.search=faiss_flat ...]
+    python benchmarks/patchcore_vs_anomalib.py /work/shared/datasets/bottle --memory-scaling \\
+        --backbone wide_resnet50_2 --layers layer2 layer3 --weights none --scaling-sizes 200 2000
 
 Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop
 to --crop-size) and the same backbone weights (resolved by hamacho, saved to a temp file and
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from _common import (
     add_variant_argument,
+    cycled_batches,
     default_anomalib_python,
     inference_stats,
     load_into_features_net,
@@ -46,13 +49,17 @@ COLUMNS = (
     ("pixel_auroc", "pixel AUROC", ".4f"),
 )
 
+SCALING_COLUMNS = (
+    ("n_train", "train images", "d"),
+    ("patches", "patches", "d"),
+    ("bank", "bank", "d"),
+    ("fit_s", "fit s", ".1f"),
+    ("peak_mb", "peak MB fit", ".0f"),
+    ("fit_delta_mb", "fit +MB", ".0f"),
+)
+
 
 # -- workers -----------------------------------------------------------------------------------
-def _batches(images: torch.Tensor, size: int):
-    for i in range(0, len(images), size):
-        yield {"image": images[i : i + size]}
-
-
 def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Fit and time hamacho's PatchCore (worker process, hamacho venv)."""
     from hamacho_patchcore import PatchCore
@@ -71,17 +78,18 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
     config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
     config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
     model = PatchCore(cfg.model, make_components(cfg))
-    stats = measure_fit(lambda: model.fit(_batches(data["train"], options["batch_size"])))
+    batches = cycled_batches(data["train"], options["batch_size"], options.get("n_train", 0))
+    stats = measure_fit(lambda: model.fit({"image": b} for b in batches))
+    n_train = options.get("n_train") or len(data["train"])
+    stats.update(bank=int(model.bank.shape[0]), n_train=n_train, patches=model.train_patches)
+    if options.get("fit_only"):
+        return stats
 
     def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model.predict(x)
         return out.scores, out.maps
 
-    return {
-        **stats,
-        "bank": int(model.bank.shape[0]),
-        **inference_stats(predict, data["test"], options["repeats"]),
-    }
+    return {**stats, **inference_stats(predict, data["test"], options["repeats"])}
 
 
 def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +115,8 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
     def fit() -> None:
         model.train()
         with torch.no_grad():
-            for batch in _batches(data["train"], options["batch_size"]):
-                model(batch["image"])
+            for batch in cycled_batches(data["train"], options["batch_size"]):
+                model(batch)
         model.subsample_embedding(sampling_ratio=options["coreset"])
 
     stats = measure_fit(fit)
@@ -149,12 +157,49 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--skip-anomalib", action="store_true")
     parser.add_argument(
+        "--memory-scaling",
+        action="store_true",
+        help="hamacho only: fit on --scaling-sizes images (the train set cycled, shifted, "
+        "flipped and noised) and print peak RSS per fit; anomalib's coreset would take days",
+    )
+    parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument(
         "--timeout",
         type=float,
         default=3 * 3600,
         help="seconds per tool (anomalib's coreset is slow)",
     )
     return parser.parse_args(argv)
+
+
+def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data: dict) -> list:
+    from hamacho.components import metrics
+
+    rows = []
+    runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
+    for i, (label, python, tool, extra) in enumerate(runs):
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        opts = {**options, "tool": tool, "overrides": args.overrides + extra}
+        out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
+        out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
+        out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
+        rows.append({"tool": label, **out})
+    return rows
+
+
+def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> None:
+    rows = []
+    for n in args.scaling_sizes:
+        print(f"fitting hamacho on {n} images ...", file=sys.stderr, flush=True)
+        opts = {**options, "tool": "hamacho", "n_train": n, "fit_only": True}
+        rows.append(run_tool(sys.executable, __file__, opts, work, f"hamacho-{n}", args.timeout))
+    print(
+        f"\nPatchCore fit memory: {args.backbone} {'+'.join(args.layers)}, weights "
+        f"{options['weights_label']}, {args.crop_size or args.image_size} px, coreset "
+        f"{args.coreset}, {args.threads or torch.get_num_threads()} threads; hamacho overrides: "
+        f"{' '.join(args.overrides) or 'none'}\n"
+    )
+    print_table(rows, SCALING_COLUMNS)
 
 
 def main(argv: list[str]) -> None:
@@ -165,8 +210,6 @@ def main(argv: list[str]) -> None:
         return
     args = _parse(argv)
     from _common import load_category, save_backbone
-
-    from hamacho.components import metrics
 
     with tempfile.TemporaryDirectory(prefix="hamacho-bench-") as tmp:
         work = Path(tmp)
@@ -193,22 +236,19 @@ def main(argv: list[str]) -> None:
             "threads": args.threads,
             "seed": args.seed,
             "overrides": args.overrides,
+            "weights_label": backbone["weights"],
         }
-        rows = []
-        runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
-        for i, (label, python, tool, extra) in enumerate(runs):
-            print(f"running {label} ...", file=sys.stderr, flush=True)
-            opts = {**options, "tool": tool, "overrides": args.overrides + extra}
-            out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
-            out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
-            out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
-            rows.append({"tool": label, **out})
+        if args.memory_scaling:
+            _scaling(args, options, work)
+            return
+        rows = _compare(args, options, work, data)
     crop = f"centre crop {args.crop_size}" if args.crop_size else "no crop"
     print(
         f"\nPatchCore on {args.category}: {len(data['train'])} train / {len(data['test'])} test, "
         f"resize {args.image_size} + {crop}, {args.backbone} {'+'.join(args.layers)}, "
-        f"coreset {args.coreset}, weights {backbone['weights']}, {torch.get_num_threads()} "
-        f"threads; hamacho overrides: {' '.join(args.overrides) or 'none'}\n"
+        f"coreset {args.coreset}, weights {backbone['weights']}, "
+        f"{args.threads or torch.get_num_threads()} threads; "
+        f"hamacho overrides: {' '.join(args.overrides) or 'none'}\n"
     )
     print_table(rows, COLUMNS)
     if rows[-1]["tool"] == "anomalib":
