@@ -128,6 +128,18 @@ def test_fit_bank_honours_coreset_ratio_and_max_bank_size() -> None:
     assert capped.bank.shape == (20, 32) and capped.info()["memory_bank_rows"] == 20
 
 
+def test_fit_bank_is_the_coresets_rows_across_uneven_batches() -> None:
+    images = _images(10)
+    batches = _batches(images, size=3)  # 3 + 3 + 3 + 1 images: rows cross batch boundaries
+    model = _model(coreset_ratio=0.2)
+    model.fit(batches)
+    flat = [model.embedder(b["image"])[0].flatten(0, 1) for b in batches]
+    sampler = model._sampler()
+    index = sampler.select(torch.cat([sampler.project(f) for f in flat]))
+    assert len(index.unique()) == len(index) == 128
+    assert torch.equal(model.bank, torch.cat(flat).half()[index])
+
+
 def test_fit_float16_bank_scores_like_float32(fitted: PatchCore) -> None:
     wide = _model(coreset_ratio=0.25, feature_dtype="float32")
     wide.fit(_batches(_images(8)))

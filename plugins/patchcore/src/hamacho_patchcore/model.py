@@ -71,6 +71,19 @@ def _check(config: PatchCoreConfig) -> None:
         )
 
 
+def _gather_rows(chunks: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``torch.cat(chunks)`` (in that order) without concatenating them."""
+    ends = torch.tensor([len(c) for c in chunks]).cumsum(0)
+    index = index.cpu()
+    which = torch.searchsorted(ends, index, right=True)  # the chunk each row lives in
+    out = chunks[0].new_empty((len(index), chunks[0].shape[1]))
+    for c in which.unique().tolist():
+        rows = (which == c).nonzero()[:, 0]
+        start = int(ends[c]) - len(chunks[c])
+        out[rows.to(out.device)] = chunks[c][(index[rows] - start).to(out.device)]
+    return out
+
+
 class PatchCore(Model):
     """PatchCore (Roth et al., CVPR 2022)."""
 
@@ -133,15 +146,15 @@ class PatchCore(Model):
             del emb, flat
         if not kept:
             raise DataError("PatchCore got no training images; check the train folder")
-        features = torch.cat(kept)
-        kept.clear()
-        self.train_patches = features.shape[0]
         points = torch.cat(projected)
         projected.clear()
+        self.train_patches = points.shape[0]
         index = sampler.select(points)
         del points
-        self.bank = features[index.to(features.device)].contiguous()
-        del features
+        # gather the chosen rows batch by batch: concatenating all features first would hold
+        # them twice (2 x 3.2 GB for 2,000 images with wide_resnet50_2)
+        self.bank = _gather_rows(kept, index)
+        kept.clear()
         self.search.fit(self.bank)
         log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
 
