@@ -207,8 +207,9 @@ def benchmark(
 ) -> None:
     """Train and test every model x backbone x dataset x seed; tabulate and plot the results."""
     from hamacho import benchmark as bench
+    from hamacho.benchmark_grid import make_grid
 
-    grid = bench.make_grid(
+    grid = make_grid(
         models,
         ",".join(backbones) or None,
         [d for d in (data_dir, *more_data) if d] or None,

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from hamacho import benchmark
-from hamacho.benchmark import BackboneSpec, parse_backbone
+from hamacho import benchmark, benchmark_grid
+from hamacho.benchmark_grid import BackboneSpec, default_layers, parse_backbone
 from hamacho.cli import main
 from hamacho.errors import ConfigError, DataError
 
@@ -31,23 +31,23 @@ def test_parse_backbone_layers_weights_and_timm_prefix():
 
 def test_default_layers_table_explicit_and_unknown():
     lite = BackboneSpec("tf_efficientnet_lite0")
-    assert benchmark.default_layers("patchcore", lite) == ["blocks.2", "blocks.4"]
-    assert benchmark.default_layers("padim", lite) == ["blocks.1", "blocks.2", "blocks.4"]
-    assert benchmark.default_layers("padim", BackboneSpec("resnet50")) == [
+    assert default_layers("patchcore", lite) == ["blocks.2", "blocks.4"]
+    assert default_layers("padim", lite) == ["blocks.1", "blocks.2", "blocks.4"]
+    assert default_layers("padim", BackboneSpec("resnet50")) == [
         "layer1",
         "layer2",
         "layer3",
     ]
-    assert benchmark.default_layers("padim", parse_backbone("vgg16:features.8")) == ["features.8"]
+    assert default_layers("padim", parse_backbone("vgg16:features.8")) == ["features.8"]
     with pytest.raises(ConfigError) as info:
-        benchmark.default_layers("patchcore", BackboneSpec("vgg16"))
+        default_layers("patchcore", BackboneSpec("vgg16"))
     message = str(info.value)
     assert "\n" not in message and "wide_resnet*" in message
     assert "--backbones vgg16:LAYER+LAYER" in message
 
 
 def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path):
-    grid = benchmark.make_grid(
+    grid = benchmark_grid.make_grid(
         "patchcore,padim",
         "resnet18@none",
         [tiny_mvtec],
@@ -55,7 +55,7 @@ def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path)
         "0,3",
         ["data.image_size=64", "patchcore:model.coreset_ratio=0.5"],
     )
-    cells = benchmark.plan(grid)
+    cells = benchmark_grid.plan(grid)
     assert [(c.model, c.seed) for c in cells] == [
         ("patchcore", 0),
         ("patchcore", 3),
@@ -71,19 +71,19 @@ def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path)
 
 def test_make_grid_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="benchmark needs backbones, data"):
-        benchmark.make_grid("patchcore", output=tmp_path)
+        benchmark_grid.make_grid("patchcore", output=tmp_path)
     with pytest.raises(DataError, match="'nowhere' does not exist"):
-        benchmark.make_grid("padim", "resnet18", ["nowhere"], tmp_path)
+        benchmark_grid.make_grid("padim", "resnet18", ["nowhere"], tmp_path)
     bad = tmp_path / "grid.yaml"
     bad.write_text("models: [padim]\nbackbone: [resnet18]\n")
     with pytest.raises(ConfigError, match="unknown key"):
-        benchmark.make_grid(grid_file=bad)
+        benchmark_grid.make_grid(grid_file=bad)
 
 
 @pytest.mark.parametrize("grid_file", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_grid_files_plan(grid_file, tiny_mvtec, tmp_path):
-    grid = benchmark.make_grid(datasets=[tiny_mvtec], output=tmp_path, grid_file=grid_file)
-    cells = benchmark.plan(grid)
+    grid = benchmark_grid.make_grid(datasets=[tiny_mvtec], output=tmp_path, grid_file=grid_file)
+    cells = benchmark_grid.plan(grid)
     assert len(cells) == len(grid.models) * len(grid.backbones) * len(grid.seeds)
 
 

@@ -1,0 +1,226 @@
+"""The ``hamacho benchmark`` grid: backbone specs, default layers, grid files and the cell plan.
+
+A Grid comes from command-line values and/or a grid YAML file; ``plan`` expands it into one Cell
+per model x backbone x dataset x seed, with the overrides and run directory of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hamacho.errors import ConfigError, DataError
+
+# Feature layers per model for backbones the user names without layers (fnmatch patterns, first
+# match wins): the papers' choices for ResNets, and stride 4/8/16 stages for EfficientNet-Lite.
+DEFAULT_LAYERS: dict[str, list[tuple[str, list[str]]]] = {
+    "patchcore": [
+        ("resnet*", ["layer2", "layer3"]),
+        ("wide_resnet*", ["layer2", "layer3"]),
+        ("tf_efficientnet_lite*", ["blocks.2", "blocks.4"]),
+    ],
+    "padim": [
+        ("resnet*", ["layer1", "layer2", "layer3"]),
+        ("wide_resnet*", ["layer1", "layer2", "layer3"]),
+        ("tf_efficientnet_lite*", ["blocks.1", "blocks.2", "blocks.4"]),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One ``--backbones`` entry: ``NAME[:LAYER+LAYER][@WEIGHTS]`` (weights: imagenet|none|path)."""
+
+    name: str
+    layers: tuple[str, ...] = ()
+    weights: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short display name, e.g. ``resnet18@none``."""
+        layers = ":" + "+".join(self.layers) if self.layers else ""
+        return f"{self.name}{layers}" + (f"@{self.weights}" if self.weights else "")
+
+
+@dataclass
+class Grid:
+    """Everything one benchmark needs (from the command line and/or a grid YAML file)."""
+
+    models: list[str]
+    backbones: list[BackboneSpec]
+    datasets: list[Path]
+    output: Path
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)  # `--set`, optionally `MODEL:key=value`
+    timeout: float | None = None  # seconds per cell
+    maps: bool = False  # write heat-map panels (slow on large test sets)
+
+
+@dataclass
+class Cell:
+    """One model x backbone x dataset x seed run."""
+
+    model: str
+    backbone: BackboneSpec
+    layers: list[str]
+    dataset: Path
+    dataset_name: str
+    seed: int
+    overrides: list[str]
+    directory: Path
+
+
+def parse_backbone(text: str) -> BackboneSpec:
+    """``resnet18``, ``resnet18@none``, ``timm:resnet18:layer2+layer3@/w.pth`` -> BackboneSpec."""
+    spec, _, weights = text.strip().partition("@")
+    prefix = "timm:" if spec.startswith("timm:") else ""
+    name, _, layers = spec[len(prefix) :].partition(":")
+    if not name:
+        raise ConfigError(f"backbone {text!r} has no name; write NAME[:LAYER+LAYER][@WEIGHTS]")
+    return BackboneSpec(
+        prefix + name, tuple(x for x in layers.split("+") if x), weights.strip() or None
+    )
+
+
+def default_layers(model: str, backbone: BackboneSpec, model_defaults: Any = None) -> list[str]:
+    """The backbone's layers for ``model``: explicit, from DEFAULT_LAYERS, or the model's own."""
+    if backbone.layers:
+        return list(backbone.layers)
+    bare = backbone.name.removeprefix("timm:")
+    for pattern, layers in DEFAULT_LAYERS.get(model, []):
+        if fnmatch.fnmatchcase(bare, pattern):
+            return list(layers)
+    if model_defaults is not None and getattr(model_defaults, "backbone", None) == backbone.name:
+        return list(model_defaults.layers)
+    known = ", ".join(p for p, _ in DEFAULT_LAYERS.get(model, [])) or "none"
+    raise ConfigError(
+        f"no default layers of backbone '{backbone.name}' for {model} (known: {known}); "
+        f"name them: --backbones {backbone.name}:LAYER+LAYER"
+    )
+
+
+def load_grid_file(path: str | Path) -> dict[str, Any]:
+    """Read a grid YAML (keys: models, backbones, data, seeds, set, output, timeout, maps)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"grid file '{path}' does not exist") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"grid file '{path}' is not valid YAML") from None
+    valid = {"models", "backbones", "data", "seeds", "set", "output", "timeout", "maps"}
+    unknown = sorted(set(raw) - valid) if isinstance(raw, dict) else ["(not a mapping)"]
+    if unknown:
+        raise ConfigError(
+            f"grid file '{path}': unknown key(s) {', '.join(unknown)}. Valid: {sorted(valid)}"
+        )
+    return raw
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def make_grid(
+    models: Any = None,
+    backbones: Any = None,
+    datasets: Any = None,
+    output: str | Path | None = None,
+    seeds: Any = None,
+    overrides: Sequence[str] = (),
+    timeout: float | None = None,
+    maps: bool | None = None,
+    grid_file: str | Path | None = None,
+) -> Grid:
+    """A Grid from arguments; values given here win over the grid file's (``set`` adds up)."""
+    raw = load_grid_file(grid_file) if grid_file else {}
+    names = _as_list(models) or _as_list(raw.get("models"))
+    specs = [parse_backbone(b) for b in (_as_list(backbones) or _as_list(raw.get("backbones")))]
+    roots = [Path(d) for d in (_as_list(datasets) or _as_list(raw.get("data")))]
+    out = output or raw.get("output")
+    missing = [k for k, v in (("models", names), ("backbones", specs), ("data", roots)) if not v]
+    if missing or not out:
+        missing += [] if out else ["output"]
+        raise ConfigError(
+            f"benchmark needs {', '.join(missing)}: give --{' --'.join(missing)} or a --grid file"
+        )
+    for root in roots:
+        if not root.exists():
+            raise DataError(f"dataset '{root}' does not exist; check the --data paths")
+    try:
+        seed_list = [int(s) for s in (_as_list(seeds) or _as_list(raw.get("seeds")) or [0])]
+    except ValueError:
+        raise ConfigError(f"seeds must be whole numbers, e.g. --seeds 0,1; got {seeds!r}") from None
+    return Grid(
+        models=names,
+        backbones=specs,
+        datasets=roots,
+        output=Path(out),
+        seeds=seed_list,
+        overrides=[str(s) for s in _as_list_keep(raw.get("set"))] + list(overrides),
+        timeout=timeout if timeout is not None else raw.get("timeout"),
+        maps=bool(maps if maps is not None else raw.get("maps", False)),
+    )
+
+
+def _as_list_keep(value: Any) -> list[Any]:
+    """Like _as_list but never splits a string on commas (a --set value may hold one)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _scoped(overrides: Iterable[str], model: str) -> list[str]:
+    """The overrides for ``model``: unscoped ones and those written ``MODEL:section.key=value``."""
+    chosen = []
+    for item in overrides:
+        key = item.partition("=")[0]
+        scope, sep, _ = key.partition(":")
+        if sep and "." not in scope:
+            if scope == model:
+                chosen.append(item[len(scope) + 1 :])
+        else:
+            chosen.append(item)
+    return chosen
+
+
+def _label(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def plan(grid: Grid) -> list[Cell]:
+    """Every cell of the grid, checked up front (unknown model or backbone layers: an error)."""
+    from hamacho.plugins import get_registry
+
+    registry = get_registry()
+    names: dict[Path, str] = {}
+    for root in grid.datasets:
+        name = root.stem if root.is_file() else root.resolve().name
+        while name in names.values():
+            name += "_"  # two datasets with one folder name: keep both
+        names[root] = name
+    cells = []
+    for model, backbone in itertools.product(grid.models, grid.backbones):
+        cls = registry.get(model).cls
+        layers = default_layers(model, backbone, cls.Config())
+        sets = [f"model.backbone={backbone.name}", f"model.layers={json.dumps(layers)}"]
+        sets += [f"model.weights={backbone.weights}"] if backbone.weights else []
+        has_seed = "seed" in {f.name for f in dataclasses.fields(cls.Config)}
+        for root, seed in itertools.product(grid.datasets, grid.seeds):
+            seeds = [f"run.seed={seed}"] + ([f"model.seed={seed}"] if has_seed else [])
+            folder = grid.output / model / _label(backbone.label) / names[root] / f"seed{seed}"
+            overrides = _scoped(grid.overrides, model) + sets + seeds
+            cells.append(Cell(model, backbone, layers, root, names[root], seed, overrides, folder))
+    return cells
