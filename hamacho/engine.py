@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import glob
-import json
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +17,6 @@ import yaml
 
 import hamacho
 from hamacho import config as config_mod
-from hamacho import report
 from hamacho.components import artifact, data, metrics, synthetic, visualize
 from hamacho.components.features import NetworkFeatureAggregator
 from hamacho.components.maps import AnomalyMapGenerator
@@ -30,8 +25,18 @@ from hamacho.components.search import NearestNeighbourSearch
 from hamacho.components.tiler import Tiler
 from hamacho.config import Config
 from hamacho.errors import ArtifactError, DataError, UnknownModelError, WeightsUnavailableError
-from hamacho.model import Components, Model, Prediction
+from hamacho.evaluation import evaluate
+from hamacho.model import Components, Model
 from hamacho.plugins import ModelEntry, get_registry
+from hamacho.runtime import (
+    batch_loader,
+    peak_rss_mb,
+    predict_batch,
+    progress_bar,
+    tiled,
+    to_uint8,
+    write_json,
+)
 
 ARTIFACT = "model.safetensors"
 Echo = Callable[[str], None]
@@ -112,47 +117,6 @@ def build_model(entry: ModelEntry, cfg: Config, echo: Echo = _quiet) -> Model:
         return entry.cls(cfg.model, components)
 
 
-class _TiledBatches:
-    """A loader whose batches' images are cut into tiles (the model sees tiles as images)."""
-
-    def __init__(self, loader: Any, tiler: Tiler) -> None:
-        self.loader, self.tiler, self.dataset = loader, tiler, loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            yield {**batch, "image": self.tiler.tile(batch["image"])}
-
-
-def _tiled(loader: Any, tiler: Tiler | None) -> Any:
-    return loader if tiler is None else _TiledBatches(loader, tiler)
-
-
-def predict_batch(net: Model, images: torch.Tensor) -> Prediction:
-    """``net.predict``, through the run's tiler when ``tiler.tile_size`` is set."""
-    tiler = net.components.tiler
-    if tiler is None:
-        return net.predict(images)
-    pred = net.predict(tiler.tile(images))  # (B*T, ...) per tile
-    maps = tiler.untile(pred.maps[:, None], tuple(images.shape[-2:]))[:, 0]
-    return Prediction(scores=pred.scores.reshape(images.shape[0], -1).amax(dim=1), maps=maps)
-
-
-def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # -- train -----------------------------------------------------------------------------------
 def train(
     model: str,
@@ -172,10 +136,10 @@ def train(
     fit_samples, held_out = _split_holdout(samples, cfg.threshold.holdout, cfg.run.seed)
     net = build_model(entry, cfg, echo)
     mean, std = _normalization(cfg, net)
-    loader = _loader(fit_samples, cfg, mean, std)
+    loader = batch_loader(fit_samples, cfg, mean, std)
     echo(f"training {model} on {len(fit_samples)} images from {root}")
     start = time.perf_counter()
-    net.fit(_progress(_tiled(loader, net.components.tiler), progress, "fit"))
+    net.fit(progress_bar(tiled(loader, net.components.tiler), progress, "fit"))
     fit_seconds = time.perf_counter() - start
     threshold = _threshold(net, held_out, cfg, mean, std)
     run_dir = Path(output) if output else Path("results") / model / root.name
@@ -205,7 +169,7 @@ def train(
         "threshold": threshold,
         **info,
     }
-    _write_json(run_dir / "train.json", summary)
+    write_json(run_dir / "train.json", summary)
     echo(f"fit in {fit_seconds:.1f} s; run saved to {run_dir}")
     return run_dir
 
@@ -229,19 +193,13 @@ def _normalization(cfg: Config, net: Model) -> tuple[tuple[float, ...], tuple[fl
     return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
 
 
-def _loader(samples: list[data.Sample], cfg: Config, mean: Any, std: Any) -> Any:
-    dataset = data.ImageDataset(samples, cfg.data, mean, std)
-    return data.make_loader(dataset, cfg.data.batch_size, num_workers=cfg.data.num_workers)
-
-
 def _threshold(
     net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any
 ) -> dict[str, Any] | None:
     if not held_out:
         return None
-    scores = [
-        predict_batch(net, batch["image"]).scores for batch in _loader(held_out, cfg, mean, std)
-    ]
+    loader = batch_loader(held_out, cfg, mean, std)
+    scores = [predict_batch(net, batch["image"]).scores for batch in loader]
     values = torch.cat(scores).float().cpu().numpy()
     value = metrics.threshold_from_normal(values, cfg.threshold.method, cfg.threshold.value)
     return {
@@ -264,14 +222,17 @@ class Run:
 
     @property
     def mean(self) -> tuple[float, ...]:
+        """The per-channel mean the model's inputs were normalised with."""
         return tuple(self.metadata["normalization"]["mean"])
 
     @property
     def std(self) -> tuple[float, ...]:
+        """The per-channel std the model's inputs were normalised with."""
         return tuple(self.metadata["normalization"]["std"])
 
     @property
     def threshold(self) -> float | None:
+        """The decision threshold derived at training time, if any."""
         info = self.metadata.get("threshold")
         return None if not info else float(info["value"])
 
@@ -312,14 +273,14 @@ def test(
     progress: bool = False,
     echo: Echo = _quiet,
 ) -> dict[str, Any]:
-    """Evaluate a run on its test split; write metrics.json, scores.csv and maps/."""
+    """Evaluate a run on its test split; write metrics.json, scores.csv, maps/ and report.html."""
     run = load_run(run_dir)
     root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
     samples = data.find_samples(root, "test", skip_bad=run.config.data.skip_bad)
-    loader = _loader(samples, run.config, run.mean, run.std)
+    loader = batch_loader(samples, run.config, run.mean, run.std)
     scores, maps, masks, seconds = [], [], [], 0.0
     images: list[np.ndarray] = []
-    for batch in _progress(loader, progress, "test"):
+    for batch in progress_bar(loader, progress, "test"):
         start = time.perf_counter()
         pred = predict_batch(run.model, batch["image"])
         seconds += time.perf_counter() - start
@@ -327,91 +288,18 @@ def test(
         maps.append(pred.maps.float().cpu())
         masks.append(batch["mask"][:, 0] > 0.5)
         if write_maps:
-            images.extend(_to_uint8(batch["image"], run.mean, run.std))
+            images.extend(to_uint8(batch["image"], run.mean, run.std))
     score = torch.cat(scores).numpy()
     amap = torch.cat(maps).numpy()
     mask = torch.cat(masks).numpy()
-    labels = np.array([s.label for s in samples])
-    known = np.array([s.label == 0 or s.mask is not None for s in samples])
-    result = _metrics(labels, score, mask[known], amap[known])
-    threshold = run.threshold
-    result.update(
-        threshold=threshold,
-        threshold_source=report.describe_threshold(run.metadata.get("threshold")),
-        inference_ms_per_image=round(1000 * seconds / max(len(samples), 1), 3),
-        images={"good": int((labels == 0).sum()), "defect": int((labels == 1).sum())},
-        **report.class_summary(labels, [s.defect for s in samples], score),
-        peak_rss_mb=round(peak_rss_mb(), 1),
-        dataset=str(root),
+    result = evaluate(
+        run, root, samples, score, amap, mask, seconds, images if write_maps else None
     )
-    _write_json(run.path / "metrics.json", result)
-    _write_scores(run.path / "scores.csv", samples, score, threshold)
-    panels: list[Path | None] = [None] * len(samples)
-    if write_maps:
-        panels = _write_maps(run.path / "maps", samples, images, amap, mask, threshold)
-    scored = [
-        report.ScoredImage(s.path, s.label, s.defect, float(v), p)
-        for s, v, p in zip(samples, score, panels, strict=True)
-    ]
-    title = f"{run.metadata.get('model', '?')} on {root.name}"
-    report.write_report(run.path / "report.html", result, scored, title, run.metadata)
     echo(
         "image AUROC {image_auroc}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
         "ms/image); report: {report}".format(**result, report=run.path / "report.html")
     )
     return result
-
-
-def _metrics(labels: np.ndarray, score: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> dict:
-    result: dict[str, Any] = {"image_auroc": metrics.image_auroc(labels, score)}
-    f1, f1_threshold = metrics.f1_max(labels, score) if len(set(labels)) > 1 else (None, None)
-    result.update(image_f1_max=f1, image_f1_threshold=f1_threshold)
-    if mask.any():
-        result["pixel_auroc"] = metrics.pixel_auroc(mask, amap)
-        result["aupro"] = metrics.aupro(mask, amap)
-    else:
-        result["pixel_auroc"] = None
-        result["aupro"] = None
-    # nan (undefined, e.g. one class only) -> None: json has no nan
-    return {
-        k: (round(float(v), 6) if v is not None and not np.isnan(v) else None)
-        for k, v in result.items()
-    }
-
-
-def _to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:
-    return list(data.denormalize(images.cpu(), mean, std))
-
-
-def _write_maps(
-    out: Path,
-    samples: list[data.Sample],
-    images: list[np.ndarray],
-    amap: np.ndarray,
-    mask: np.ndarray,
-    threshold: float | None,
-) -> list[Path | None]:
-    vmin, vmax = float(amap.min()), float(amap.max())
-    paths: list[Path | None] = []
-    for i, sample in enumerate(samples):
-        panel = visualize.overlay_panel(
-            images[i], amap[i], mask[i] if sample.mask else None, threshold, vmin=vmin, vmax=vmax
-        )
-        path = out / sample.defect / f"{sample.path.stem}.png"
-        paths.append(path)
-        visualize.save_png(path, panel)
-    return paths
-
-
-def _write_scores(
-    path: Path, samples: list[data.Sample], score: np.ndarray, threshold: float | None
-) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "defect", "score", "prediction"])
-        for sample, value in zip(samples, score, strict=True):
-            pred = "" if threshold is None else int(value >= threshold)
-            writer.writerow([sample.path, sample.label, sample.defect, f"{value:.6f}", pred])
 
 
 # -- predict ---------------------------------------------------------------------------------
@@ -452,7 +340,7 @@ def predict(
             row = {"path": str(path), "score": round(value, 6), "threshold": limit}
             row["is_anomalous"] = None if limit is None else bool(value >= limit)
             if maps_dir:
-                image = _to_uint8(batch[i : i + 1], run.mean, run.std)[0]
+                image = to_uint8(batch[i : i + 1], run.mean, run.std)[0]
                 panel = visualize.overlay_panel(image, pred.maps[i].cpu().numpy(), None, limit)
                 out = Path(maps_dir) / _unique_name(path, used)
                 visualize.save_png(out, panel)
@@ -487,10 +375,6 @@ def _unique_name(path: Path, used: set[str]) -> str:
         name = f"{base[:-4]}_{n}.png"
     used.add(name)
     return name
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def list_models() -> list[dict[str, str]]:

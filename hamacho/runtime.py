@@ -1,0 +1,77 @@
+"""Plumbing the train / test / predict flows share: loaders, tiling, progress, memory, JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hamacho.components import data
+from hamacho.components.tiler import Tiler
+from hamacho.config import Config
+from hamacho.model import Model, Prediction
+
+
+def batch_loader(samples: list[data.Sample], cfg: Config, mean: Any, std: Any) -> Any:
+    """A loader over ``samples``, normalised with ``mean``/``std`` as ``cfg.data`` says."""
+    dataset = data.ImageDataset(samples, cfg.data, mean, std)
+    return data.make_loader(dataset, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+
+
+class _TiledBatches:
+    """A loader whose batches' images are cut into tiles (the model sees tiles as images)."""
+
+    def __init__(self, loader: Any, tiler: Tiler) -> None:
+        self.loader, self.tiler, self.dataset = loader, tiler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield {**batch, "image": self.tiler.tile(batch["image"])}
+
+
+def tiled(loader: Any, tiler: Tiler | None) -> Any:
+    """``loader`` with its images cut into tiles, or unchanged when there is no tiler."""
+    return loader if tiler is None else _TiledBatches(loader, tiler)
+
+
+def predict_batch(net: Model, images: torch.Tensor) -> Prediction:
+    """``net.predict``, through the run's tiler when ``tiler.tile_size`` is set."""
+    tiler = net.components.tiler
+    if tiler is None:
+        return net.predict(images)
+    pred = net.predict(tiler.tile(images))  # (B*T, ...) per tile
+    maps = tiler.untile(pred.maps[:, None], tuple(images.shape[-2:]))[:, 0]
+    return Prediction(scores=pred.scores.reshape(images.shape[0], -1).amax(dim=1), maps=maps)
+
+
+def to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:
+    """Normalised ``(B, 3, H, W)`` images back to ``(H, W, 3)`` uint8 arrays for drawing."""
+    return list(data.denormalize(images.cpu(), mean, std))
+
+
+def progress_bar(iterable: Any, enabled: bool, desc: str) -> Any:
+    """``iterable`` behind a tqdm bar on stderr when ``enabled``, else unchanged."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON (train.json, metrics.json)."""
+    path.write_text(json.dumps(payload, indent=2) + "\n")
