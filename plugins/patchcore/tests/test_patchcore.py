@@ -108,6 +108,19 @@ def test_embedder_low_rank_path_is_isometric_to_recipe() -> None:
     torch.testing.assert_close(dist_a, dist_b, atol=1e-5, rtol=1e-5)
 
 
+def test_embedder_concat_is_the_plain_channel_stack() -> None:
+    agg = _tiny_aggregator()
+    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64, concat=True)
+    images = _images(2, 32)
+    emb, grid = embedder(images)
+    first, second = agg(images).values()
+    local = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in (first, second)]
+    local[1] = F.interpolate(local[1], size=grid, mode="bilinear", align_corners=False)
+    expected = torch.cat(local, dim=1).flatten(2).transpose(1, 2)
+    assert embedder.dim == 16 and emb.shape == (2, 256, 16)
+    torch.testing.assert_close(emb, expected)
+
+
 def test_embedder_chunks_match_whole_batch() -> None:
     agg = _tiny_aggregator()
     images = _images(5, 32)
@@ -215,6 +228,8 @@ def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> Non
     ("overrides", "match"),
     [
         ({"score": "mean"}, "model.score"),
+        ({"aggregation": "sum"}, "model.aggregation must be recipe or concat"),
+        ({"border": "wrap"}, "border must be one of reflect, mirror"),
         ({"coreset_ratio": 0.0}, "coreset_ratio"),
         ({"coreset_ratio": 1.5}, "coreset_ratio"),
         ({"feature_dtype": "int8"}, "feature_dtype"),

@@ -26,6 +26,7 @@ class PatchCoreConfig:
     layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
     weights: str = "imagenet"
     patch_size: int = 3
+    aggregation: str = "recipe"  # recipe: per-layer pooling to embedding_dim | concat
     pretrain_embed_dim: int = 1024
     embedding_dim: int = 1024
     coreset_ratio: float = 0.1
@@ -44,6 +45,8 @@ class PatchCoreConfig:
 
 def _check(config: PatchCoreConfig) -> None:
     """Raise ConfigError naming the first setting that cannot work."""
+    if config.aggregation not in ("recipe", "concat"):
+        raise ConfigError(f"model.aggregation must be recipe or concat, got {config.aggregation!r}")
     if config.score not in ("max", "paper"):
         raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
     if config.feature_dtype not in _DTYPES:
@@ -111,6 +114,7 @@ class PatchCore(Model):
             config.pretrain_embed_dim,
             config.embedding_dim,
             chunk=config.backbone_batch,
+            concat=config.aggregation == "concat",
         )
         self.search = components.search(backend=config.search)
         self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)

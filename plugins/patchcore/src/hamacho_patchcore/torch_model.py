@@ -39,6 +39,9 @@ class PatchEmbedder(nn.Module):
     z = S V^T c (from M = U S V^T) instead: ||z - z'|| = ||M c - M c'|| exactly, so nearest
     neighbours and scores are those of the recipe at a fraction of the memory and search cost.
     ``basis`` (embedding_dim, r) maps them back: recipe embedding = z @ basis.T.
+
+    ``concat=True`` skips the channel pooling: the layers' channels are concatenated as they are
+    (anomalib's embedding), so every channel, not every layer, weighs the same in a distance.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class PatchEmbedder(nn.Module):
         pretrain_embed_dim: int,
         embedding_dim: int,
         chunk: int = 0,
+        concat: bool = False,
     ) -> None:
         super().__init__()
         self.aggregator = aggregator
@@ -57,11 +61,15 @@ class PatchEmbedder(nn.Module):
         self.patch_size = patch_size
         self.pretrain_embed_dim = pretrain_embed_dim
         self.embedding_dim = embedding_dim
+        self.concat = concat
+        self.reduce: torch.Tensor | None = None  # (r, sum C): channels -> stored coordinates
+        self.basis: torch.Tensor | None = None  # (embedding_dim, r)
+        if concat:
+            self.dim = sum(self.channels)
+            return
         matrix = recipe_matrix(self.channels, pretrain_embed_dim, embedding_dim)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         rank = int((s > s[0] * 1e-9).sum())
-        self.reduce: torch.Tensor | None = None  # (r, sum C): channels -> stored coordinates
-        self.basis: torch.Tensor | None = None  # (embedding_dim, r)
         if rank < embedding_dim:
             self.reduce = (s[:rank, None] * vh[:rank]).float()
             self.basis = u[:, :rank].float()
@@ -91,6 +99,9 @@ class PatchEmbedder(nn.Module):
         grid = features[0].shape[-2:]
         local = [self._local(fmap, grid) for fmap in features]
         b, (h, w) = images.shape[0], grid
+        if self.concat:  # (B, sum C, h, w) -> (B, h*w, sum C)
+            stacked = torch.cat(local, dim=1).flatten(2).transpose(1, 2)
+            return stacked.contiguous(), (int(h), int(w))
         if self.reduce is not None:
             # (B, sum C, h, w) -> (B, h*w, sum C) @ (sum C, r) -> (B, h*w, r)
             stacked = torch.cat(local, dim=1).flatten(2).transpose(1, 2)
