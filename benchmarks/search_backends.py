@@ -1,6 +1,7 @@
 """Time every nearest-neighbour backend on a PatchCore-sized query batch and bank.
 
-    python benchmarks/search_backends.py [--bank 17000] [--queries 784] [--dim 1024]
+    python benchmarks/search_backends.py [--bank 17000] [--queries 784] [--dim 1024] \\
+        [--backends torch faiss_flat]
 
 Prints a markdown table: build time, ms per query batch (wall median/min and CPU time over all
 threads, which matters on a shared machine), recall@1 against exact search.
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +83,7 @@ def main() -> None:
     )
     print("| backend | build s | ms/batch (median) | ms/batch (min) | CPU ms/batch | recall@1 |")
     print("|---|---|---|---|---|---|")
-    for name in BACKENDS:
+    for name in args.backends:
         result, error = time_backend(name, bank, queries, args.k, args.repeats, args.device)
         if result is None:
             print(f"| {name} | - | - | - | - | unavailable: {error} |")
