@@ -67,23 +67,38 @@ class CoresetSampler:
             torch.matmul(chunk, matrix, out=out[start : start + _ROWS])
         return out
 
-    def select(self, projected: torch.Tensor) -> torch.Tensor:
-        """Greedy k-center over rows of `projected` (N, d): LongTensor of size() row indices."""
-        if projected.ndim != 2 or projected.shape[0] == 0:
-            shape = tuple(projected.shape)
-            raise DataError(f"coreset input must be a non-empty (N, d) tensor, got {shape}")
-        if not torch.isfinite(projected).all():
+    def select(self, projected: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Greedy k-center over rows of `projected` (N, d): LongTensor of size() row indices.
+
+        A list of (n_i, d) chunks counts as their concatenation and is consumed (emptied) while
+        the working copy is filled, so the rows are never held twice.
+        """
+        chunks = projected if isinstance(projected, list) else [projected]
+        shapes = [tuple(c.shape) for c in chunks]
+        if not chunks or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+            raise DataError(f"coreset input must be (N, d) rows of one width, got {shapes[:3]}")
+        n, d = sum(s[0] for s in shapes), shapes[0][1]
+        if n == 0:
+            raise DataError(f"coreset input must be a non-empty (N, d) tensor, got {shapes[:3]}")
+        if not all(bool(torch.isfinite(c).all()) for c in chunks):
             raise DataError("coreset input holds NaN or inf values; check the feature extractor")
-        n, d = projected.shape
-        device = self.device or projected.device
-        x = projected.to(device, torch.float32)
+        device = self.device or chunks[0].device
+        total = torch.zeros(d, dtype=torch.float64, device=chunks[0].device)
+        for c in chunks:
+            total += torch.sum(c, dim=0, dtype=torch.float64)
+        mean = (total / n).to(device, torch.float32)
         # (N, d+2) rows [x, ||x||^2, 1]: a dot with [-2c, 1, ||c||^2] is ||x - c||^2.
         # Centring keeps that expansion accurate in float32.
         points = torch.empty((n, d + 2), dtype=torch.float32, device=device)
-        torch.sub(x, x.mean(0), out=points[:, :d])
+        end = n
+        while chunks:  # from the back, so each chunk is freed as soon as it is copied
+            chunk = chunks.pop()
+            start = end - chunk.shape[0]
+            torch.sub(chunk.to(device, torch.float32), mean, out=points[start:end, :d])
+            end = start
+            del chunk
         points[:, d] = torch.linalg.vector_norm(points[:, :d], dim=1).square_()
         points[:, d + 1] = 1
-        del x
         first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
         return _KCenter(points).run(first, self.size(n)).cpu()
 

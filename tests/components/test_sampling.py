@@ -48,6 +48,21 @@ def test_coreset_size_rules(n, ratio, max_size, expected):
     assert 0 <= idx.min() and idx.max() < n
 
 
+def test_coreset_select_of_chunks_equals_select_of_their_concatenation():
+    points = torch.randn(3000, 16, generator=torch.Generator().manual_seed(5))
+    chunks = list(points.split([1000, 7, 1500, 493]))
+    sampler = CoresetSampler(ratio=0.05, seed=2)
+    assert torch.equal(sampler.select(chunks), sampler.select(points))
+    assert chunks == []  # consumed, so the caller does not hold the rows twice
+
+
+def test_coreset_select_rejects_mixed_widths_and_empty_lists():
+    with pytest.raises(DataError, match="rows of one width"):
+        CoresetSampler().select([torch.zeros(3, 4), torch.zeros(3, 5)])
+    with pytest.raises(DataError, match="rows of one width"):
+        CoresetSampler().select([])
+
+
 def test_coreset_select_is_deterministic_and_seeded():
     points = torch.randn(500, 8)
     a = CoresetSampler(ratio=0.2, seed=3).select(points)

@@ -150,11 +150,8 @@ class PatchCore(Model):
             del emb, flat
         if not kept:
             raise DataError("PatchCore got no training images; check the train folder")
-        points = torch.cat(projected)
-        projected.clear()
-        self.train_patches = points.shape[0]
-        index = sampler.select(points)
-        del points
+        self.train_patches = sum(len(p) for p in projected)
+        index = sampler.select(projected)  # consumes the list: projections are not held twice
         # gather the chosen rows batch by batch: concatenating all features first would hold
         # them twice (2 x 3.2 GB for 2,000 images with wide_resnet50_2)
         self.bank = _gather_rows(kept, index)
