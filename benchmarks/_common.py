@@ -90,7 +90,20 @@ def tool_runs(
     return runs
 
 
-def add_variant_argument(parser: Any) -> None:
+def add_common_arguments(parser: Any, layers: Sequence[str], timeout: float = 3600) -> None:
+    """The options both side-by-side scripts take (data, backbone, timing, tools, rows)."""
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", nargs="+", default=list(layers))
+    parser.add_argument("--weights", default="imagenet", help="imagenet | none | weight file")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--crop-size", type=int, default=224, help="0 = no centre crop")
+    parser.add_argument("--batch-size", type=int, default=32, help="fit batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="inference passes (best kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="hamacho model.KEY=VALUE"
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -98,6 +111,38 @@ def add_variant_argument(parser: Any) -> None:
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="an extra hamacho row with these overrides on top of --set (repeatable)",
     )
+    parser.add_argument(
+        "--anomalib-python",
+        default=default_anomalib_python(),
+        help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
+    )
+    parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per tool run")
+
+
+def common_options(args: Any, work: Path, weights_file: Path) -> dict[str, Any]:
+    """The worker options every tool reads, from ``add_common_arguments``'s arguments."""
+    return {
+        "data": str(work / "data.pt"),
+        "weights_file": str(weights_file),
+        "backbone": args.backbone,
+        "layers": args.layers,
+        "weights": args.weights,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "seed": args.seed,
+        "overrides": args.overrides,
+    }
+
+
+def add_aurocs(out: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Add image and pixel AUROC of a worker's scores and maps (hamacho's metrics) to ``out``."""
+    from hamacho.components import metrics
+
+    out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
+    out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
+    return out
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
@@ -118,7 +163,7 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
         print("| " + " | ".join(aligned) + " |")
 
 
-# -- worker side (either venv; no hamacho import) ----------------------------------------------
+# -- worker side (either venv; the hamacho_* helpers only in hamacho's) -------------------------
 def load_tensors(path: str | Path) -> dict[str, Any]:
     """Read what ``save_tensors``/``torch.save`` wrote (tensors and plain values, no pickles)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -230,16 +275,42 @@ def inference_stats(predict: Callable, test: torch.Tensor, repeats: int) -> dict
     return {"ms_b1": ms_b1, "ms_b32": ms_b32, "scores": scores.float(), "maps": maps.float()}
 
 
-def worker_main(
-    argv: Sequence[str], run: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
-) -> None:
-    """Worker entry, ``argv`` = [options.json, out.pt]: ``run(options, data)`` saved to out.pt."""
+def hamacho_model(model_cls: Any, options: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
+    """A hamacho model on the CPU: plugin defaults <- ``model_cfg`` <- the --set overrides."""
+    from hamacho import config as config_mod
+    from hamacho.engine import build_config, make_components
+
+    cfg = build_config(model_cls)
+    config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
+    config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
+    return model_cls(cfg.model, make_components(cfg))
+
+
+def fit_hamacho(model: Any, options: dict[str, Any], data: dict[str, Any]) -> dict[str, float]:
+    """``measure_fit`` of ``model.fit`` on the (cycled to ``n_train``) training images."""
+    batches = cycled_batches(data["train"], options["batch_size"], options.get("n_train", 0))
+    return measure_fit(lambda: model.fit({"image": b} for b in batches))
+
+
+def hamacho_predict(model: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``model.predict`` as the (scores, maps) function ``inference_stats`` times."""
+
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.predict(x)
+        return out.scores, out.maps
+
+    return predict
+
+
+def worker_main(argv: Sequence[str], runners: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    """Worker entry, ``argv`` = [options.json, out.pt]: ``runners[tool](options, data)`` saved
+    to out.pt, the tool named by the options."""
     options = json.loads(Path(argv[0]).read_text())
     if options.get("threads"):
         torch.set_num_threads(int(options["threads"]))
     torch.manual_seed(options.get("seed", 0))
     data = load_tensors(options["data"])
-    save_tensors(argv[1], run(options, data))
+    save_tensors(argv[1], runners[options["tool"]](options, data))
 
 
 def run_tool(

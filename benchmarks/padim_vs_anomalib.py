@@ -20,7 +20,6 @@ are equal; made batch by batch so the input never holds 1,000 images) and prints
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +27,13 @@ from typing import Any
 
 import torch
 from _common import (
-    add_variant_argument,
+    add_aurocs,
+    add_common_arguments,
+    common_options,
     cycled_batches,
-    default_anomalib_python,
+    fit_hamacho,
+    hamacho_model,
+    hamacho_predict,
     inference_stats,
     load_into_features_net,
     measure_fit,
@@ -65,31 +68,13 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
     """Fit and time hamacho's PaDiM (worker process, hamacho venv)."""
     from hamacho_padim import Padim
 
-    from hamacho import config as config_mod
-    from hamacho.engine import build_config, make_components
-
-    cfg = build_config(Padim)
-    model_cfg = {
-        "backbone": options["backbone"],
-        "layers": options["layers"],
-        "weights": options["weights"],
-        "n_features": options["n_features"],
-        "seed": options["seed"],
-    }
-    config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
-    config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
-    model = Padim(cfg.model, make_components(cfg))
-    batches = cycled_batches(data["train"], options["batch_size"], options.get("n_train", 0))
-    stats = measure_fit(lambda: model.fit({"image": b} for b in batches))
+    model_cfg = {key: options[key] for key in ("backbone", "layers", "weights", "seed")}
+    model = hamacho_model(Padim, options, {**model_cfg, "n_features": options["n_features"]})
+    stats = fit_hamacho(model, options, data)
     out = {**stats, "n_train": model.n_train, "channels": model.channels.clone()}
     if options.get("fit_only"):
         return out
-
-    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = model.predict(x)
-        return pred.scores, pred.maps
-
-    return {**out, **inference_stats(predict, data["test"], options["repeats"])}
+    return {**out, **inference_stats(hamacho_predict(model), data["test"], options["repeats"])}
 
 
 def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -138,26 +123,8 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("categories", nargs="+", help="MVTec-layout folders")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", nargs="+", default=["blocks.1", "blocks.2", "blocks.4"])
-    parser.add_argument("--weights", default="imagenet", help="imagenet | none | weight file")
+    add_common_arguments(parser, layers=["blocks.1", "blocks.2", "blocks.4"])
     parser.add_argument("--n-features", type=int, default=100, help="channel subset size")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--crop-size", type=int, default=224, help="0 = no centre crop")
-    parser.add_argument("--batch-size", type=int, default=32, help="fit batch size")
-    parser.add_argument("--repeats", type=int, default=2, help="inference passes (best kept)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="hamacho model.KEY=VALUE"
-    )
-    parser.add_argument(
-        "--anomalib-python",
-        default=default_anomalib_python(),
-        help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
-    )
-    parser.add_argument("--skip-anomalib", action="store_true")
-    add_variant_argument(parser)
     parser.add_argument(
         "--memory-scaling",
         action="store_true",
@@ -167,36 +134,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _options(args: argparse.Namespace, work: Path, weights_file: Path) -> dict[str, Any]:
-    return {
-        "data": str(work / "data.pt"),
-        "weights_file": str(weights_file),
-        "backbone": args.backbone,
-        "layers": args.layers,
-        "weights": args.weights,
-        "n_features": args.n_features,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "threads": args.threads,
-        "seed": args.seed,
-        "overrides": args.overrides,
-    }
-
-
 def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data: dict) -> list:
-    from hamacho.components import metrics
-
     rows, channels = [], None
     runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
     for i, (label, python, tool, extra) in enumerate(runs):
         print(f"running {label} on {Path(options['category']).name} ...", file=sys.stderr)
         opts = {**options, "tool": tool, "channels": channels, "overrides": args.overrides + extra}
-        out = run_tool(python, __file__, opts, work, f"{tool}-{i}")
+        out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
         if channels is None and tool == "hamacho":
             channels = out["channels"].tolist()
-        out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
-        out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
-        rows.append({"category": Path(options["category"]).name, "tool": label, **out})
+        row = {"category": Path(options["category"]).name, "tool": label, **out}
+        rows.append(add_aurocs(row, data))
     return rows
 
 
@@ -206,7 +154,7 @@ def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> l
         for n in args.scaling_sizes:
             print(f"fitting {tool} on {n} images ...", file=sys.stderr)
             opts = {**options, "tool": tool, "n_train": n, "fit_only": True, "channels": channels}
-            out = run_tool(python, __file__, opts, work, f"{tool}-{n}")
+            out = run_tool(python, __file__, opts, work, f"{tool}-{n}", args.timeout)
             channels = out["channels"].tolist() if tool == "hamacho" else channels
             rows.append({"tool": tool, **out})
     return rows
@@ -215,8 +163,7 @@ def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> l
 def main(argv: list[str]) -> None:
     """Prepare data once per category, run each tool in its own process, print one table."""
     if argv[:1] == ["--worker"]:
-        options = json.loads(Path(argv[1]).read_text())
-        worker_main(argv[1:], run_anomalib if options["tool"] == "anomalib" else run_hamacho)
+        worker_main(argv[1:], {"hamacho": run_hamacho, "anomalib": run_anomalib})
         return
     args = _parse(argv)
     from _common import load_category, save_backbone
@@ -232,7 +179,11 @@ def main(argv: list[str]) -> None:
                 category, backbone["mean"], backbone["std"], args.image_size, args.crop_size or None
             )
             torch.save(data, work / "data.pt")
-            options = {**_options(args, work, weights_file), "category": category}
+            options = {
+                **common_options(args, work, weights_file),
+                "n_features": args.n_features,
+                "category": category,
+            }
             if args.memory_scaling:
                 rows += _scaling(args, options, work)
             else:

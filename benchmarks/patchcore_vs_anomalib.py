@@ -25,9 +25,13 @@ from typing import Any
 
 import torch
 from _common import (
-    add_variant_argument,
+    add_aurocs,
+    add_common_arguments,
+    common_options,
     cycled_batches,
-    default_anomalib_python,
+    fit_hamacho,
+    hamacho_model,
+    hamacho_predict,
     inference_stats,
     load_into_features_net,
     measure_fit,
@@ -64,32 +68,14 @@ def run_hamacho(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]
     """Fit and time hamacho's PatchCore (worker process, hamacho venv)."""
     from hamacho_patchcore import PatchCore
 
-    from hamacho import config as config_mod
-    from hamacho.engine import build_config, make_components
-
-    cfg = build_config(PatchCore)
-    model_cfg = {
-        "backbone": options["backbone"],
-        "layers": options["layers"],
-        "weights": options["weights"],
-        "coreset_ratio": options["coreset"],
-        "num_neighbors": options["num_neighbors"],
-    }
-    config_mod.apply(cfg, {"model": model_cfg, "run": {"device": "cpu"}})
-    config_mod.apply(cfg, config_mod.parse_overrides(options["overrides"]))
-    model = PatchCore(cfg.model, make_components(cfg))
-    batches = cycled_batches(data["train"], options["batch_size"], options.get("n_train", 0))
-    stats = measure_fit(lambda: model.fit({"image": b} for b in batches))
+    model_cfg = {key: options[key] for key in ("backbone", "layers", "weights", "num_neighbors")}
+    model = hamacho_model(PatchCore, options, {**model_cfg, "coreset_ratio": options["coreset"]})
+    stats = fit_hamacho(model, options, data)
     n_train = options.get("n_train") or len(data["train"])
     stats.update(bank=int(model.bank.shape[0]), n_train=n_train, patches=model.train_patches)
     if options.get("fit_only"):
         return stats
-
-    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model.predict(x)
-        return out.scores, out.maps
-
-    return {**stats, **inference_stats(predict, data["test"], options["repeats"])}
+    return {**stats, **inference_stats(hamacho_predict(model), data["test"], options["repeats"])}
 
 
 def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -135,27 +121,9 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("category", help="MVTec-layout folder (train/good, test/*, ground_truth)")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
-    parser.add_argument("--weights", default="imagenet", help="imagenet | none | weight file")
+    add_common_arguments(parser, layers=["blocks.2", "blocks.4"], timeout=3 * 3600)
     parser.add_argument("--coreset", type=float, default=0.1, help="coreset ratio")
     parser.add_argument("--num-neighbors", type=int, default=9)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--crop-size", type=int, default=224, help="0 = no centre crop")
-    parser.add_argument("--batch-size", type=int, default=32, help="fit batch size")
-    parser.add_argument("--repeats", type=int, default=2, help="inference passes (best kept)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="hamacho model.KEY=VALUE"
-    )
-    add_variant_argument(parser)
-    parser.add_argument(
-        "--anomalib-python",
-        default=default_anomalib_python(),
-        help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
-    )
-    parser.add_argument("--skip-anomalib", action="store_true")
     parser.add_argument(
         "--memory-scaling",
         action="store_true",
@@ -163,27 +131,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "flipped and noised) and print peak RSS per fit; anomalib's coreset would take days",
     )
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[200, 2000])
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=3 * 3600,
-        help="seconds per tool (anomalib's coreset is slow)",
-    )
     return parser.parse_args(argv)
 
 
 def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data: dict) -> list:
-    from hamacho.components import metrics
-
     rows = []
     runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
     for i, (label, python, tool, extra) in enumerate(runs):
         print(f"running {label} ...", file=sys.stderr, flush=True)
         opts = {**options, "tool": tool, "overrides": args.overrides + extra}
         out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
-        out["image_auroc"] = metrics.image_auroc(data["labels"], out["scores"])
-        out["pixel_auroc"] = metrics.pixel_auroc(data["masks"], out["maps"])
-        rows.append({"tool": label, **out})
+        rows.append(add_aurocs({"tool": label, **out}, data))
     return rows
 
 
@@ -205,8 +163,7 @@ def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> N
 def main(argv: list[str]) -> None:
     """Prepare data once, run each tool in its own process, print one table."""
     if argv[:1] == ["--worker"]:
-        options = __import__("json").loads(Path(argv[1]).read_text())
-        worker_main(argv[1:], run_anomalib if options["tool"] == "anomalib" else run_hamacho)
+        worker_main(argv[1:], {"hamacho": run_hamacho, "anomalib": run_anomalib})
         return
     args = _parse(argv)
     from _common import load_category, save_backbone
@@ -224,18 +181,9 @@ def main(argv: list[str]) -> None:
         )
         torch.save(data, work / "data.pt")
         options = {
-            "data": str(work / "data.pt"),
-            "weights_file": str(weights_file),
-            "backbone": args.backbone,
-            "layers": args.layers,
-            "weights": args.weights,
+            **common_options(args, work, weights_file),
             "coreset": args.coreset,
             "num_neighbors": args.num_neighbors,
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "threads": args.threads,
-            "seed": args.seed,
-            "overrides": args.overrides,
             "weights_label": backbone["weights"],
         }
         if args.memory_scaling:
