@@ -73,7 +73,7 @@ class PatchEmbedder(nn.Module):
         if rank < embedding_dim:
             self.reduce = (s[:rank, None] * vh[:rank]).float()
             self.basis = u[:, :rank].float()
-        self.dim = rank if self.reduce is not None else embedding_dim
+        self.dim = rank  # == embedding_dim when the pooled embeddings are stored as they are
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -99,12 +99,11 @@ class PatchEmbedder(nn.Module):
         grid = features[0].shape[-2:]
         local = [self._local(fmap, grid) for fmap in features]
         b, (h, w) = images.shape[0], grid
-        if self.concat:  # (B, sum C, h, w) -> (B, h*w, sum C)
+        if self.concat or self.reduce is not None:
+            # (B, sum C, h, w) -> (B, h*w, sum C) [@ (sum C, r) -> (B, h*w, r)]
             stacked = torch.cat(local, dim=1).flatten(2).transpose(1, 2)
-            return stacked.contiguous(), (int(h), int(w))
-        if self.reduce is not None:
-            # (B, sum C, h, w) -> (B, h*w, sum C) @ (sum C, r) -> (B, h*w, r)
-            stacked = torch.cat(local, dim=1).flatten(2).transpose(1, 2)
+            if self.reduce is None:
+                return stacked.contiguous(), (int(h), int(w))
             return stacked @ self.reduce.to(stacked.device).T, (int(h), int(w))
         pooled = []
         for fmap in local:
