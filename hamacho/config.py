@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,11 +26,30 @@ class TilerConfig:
 
 @dataclass
 class ThresholdConfig:
-    """How the decision threshold is derived from held-out good training images."""
+    """How the decision threshold is derived from scores of good training images.
 
-    method: str = "percentile"  # percentile | sigma
-    value: float = 99.0  # the percentile, or k in mean + k * std
-    holdout: float = 0.1  # fraction of train/good kept out of fit to set the threshold
+    ``source: auto`` scores every training image leave-one-out (as if it had not been in the
+    fit) when the model offers ``training_scores``, so no image is withheld; otherwise a
+    ``holdout`` fraction of train/good is kept out of the fit and scored.
+    """
+
+    method: Literal["percentile", "sigma"] = "percentile"
+    percentile: float = 99.0  # method percentile: this percentile of the good scores
+    sigma: float = 3.0  # method sigma: mean + sigma * std of the good scores
+    source: Literal["auto", "loo", "holdout"] = "auto"
+    holdout: float = 0.1  # fraction of train/good kept out (source holdout, or auto w/o LOO)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first value out of range."""
+        if not 0 <= self.percentile <= 100:
+            raise ConfigError(f"threshold.percentile must be in [0, 100], got {self.percentile}")
+        if not math.isfinite(self.sigma):
+            raise ConfigError(f"threshold.sigma must be a finite number, got {self.sigma}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(
+                f"threshold.holdout must be in [0, 1) (a fraction of train/good), got "
+                f"{self.holdout}"
+            )
 
 
 @dataclass
@@ -76,7 +96,16 @@ def resolve(
     for mapping in explicit_layers or []:
         _apply(config, mapping, explicit=explicit)
     config.explicit = frozenset(explicit)
+    validate(config)
     return config
+
+
+def validate(config: Config) -> None:
+    """Run each section's ``validate()`` (when it has one): ranges are checked before any work."""
+    for name in SECTIONS:
+        check = getattr(getattr(config, name), "validate", None)
+        if callable(check):
+            check()
 
 
 def apply(config: Config, mapping: dict[str, Any], explicit: bool = False) -> None:
@@ -84,6 +113,7 @@ def apply(config: Config, mapping: dict[str, Any], explicit: bool = False) -> No
     keys: set[str] = set(config.explicit)
     _apply(config, mapping, explicit=keys if explicit else None)
     config.explicit = frozenset(keys)
+    validate(config)
 
 
 def from_dict(model_config_cls: type, data: dict[str, Any]) -> Config:

@@ -6,7 +6,6 @@ import datetime as _dt
 import glob
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,23 @@ from hamacho.components.features import NetworkFeatureAggregator
 from hamacho.components.maps import AnomalyMapGenerator
 from hamacho.components.sampling import CoresetSampler
 from hamacho.components.search import NearestNeighbourSearch
-from hamacho.components.tiler import Tiler
 from hamacho.config import Config
-from hamacho.errors import ArtifactError, DataError, UnknownModelError, WeightsUnavailableError
+from hamacho.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    UnknownModelError,
+    WeightsUnavailableError,
+)
 from hamacho.evaluation import evaluate
 from hamacho.model import Components, Model
 from hamacho.plugins import ModelEntry, get_registry
 from hamacho.runtime import (
+    Run,
     batch_loader,
+    make_tiler,
     peak_rss_mb,
+    per_image_max,
     predict_batch,
     progress_bar,
     tiled,
@@ -67,15 +74,12 @@ def make_components(cfg: Config) -> Components:
     def sampler(**kw: Any) -> CoresetSampler:
         return CoresetSampler(device=device, **kw)
 
-    tiler = Tiler(cfg.tiler.tile_size, cfg.tiler.stride) if cfg.tiler.tile_size else None
     return Components(
         device=device,
         feature_aggregator=aggregator,
         search=search,
         sampler=sampler,
         anomaly_map=AnomalyMapGenerator,
-        tiler=tiler,
-        metrics=metrics,
     )
 
 
@@ -133,15 +137,20 @@ def train(
     torch.manual_seed(cfg.run.seed)
     root = Path(data_dir) if data_dir else synthetic.default_dataset()
     samples = data.find_samples(root, "train", skip_bad=cfg.data.skip_bad)
-    fit_samples, held_out = _split_holdout(samples, cfg.threshold.holdout, cfg.run.seed)
+    loo = _leave_one_out(entry.cls, cfg)
+    fit_samples, held_out = _split_holdout(samples, 0.0 if loo else cfg.threshold.holdout, cfg)
     net = build_model(entry, cfg, echo)
     mean, std = _normalization(cfg, net)
+    tiler = make_tiler(cfg)
     loader = batch_loader(fit_samples, cfg, mean, std)
-    echo(f"training {model} on {len(fit_samples)} images from {root}")
+    echo(f"training {model} on {len(loader.dataset)} images from {root}")
     start = time.perf_counter()
-    net.fit(progress_bar(tiled(loader, net.components.tiler), progress, "fit"))
+    net.fit(progress_bar(tiled(loader, tiler), progress, "fit"))
     fit_seconds = time.perf_counter() - start
-    threshold = _threshold(net, held_out, cfg, mean, std)
+    if loo:
+        threshold = _loo_threshold(net, loader, cfg, tiler, progress)
+    else:
+        threshold = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
     run_dir = Path(output) if output else Path("results") / model / root.name
     run_dir.mkdir(parents=True, exist_ok=True)
     info = net.info()
@@ -163,7 +172,7 @@ def train(
         "dataset": str(root),
         "fit_seconds": round(fit_seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "train_images": len(fit_samples),
+        "train_images": len(loader.dataset),
         "holdout_images": len(held_out),
         "skipped_images": len(getattr(loader.dataset, "skipped", [])),
         "threshold": threshold,
@@ -174,13 +183,25 @@ def train(
     return run_dir
 
 
+def _leave_one_out(cls: type[Model], cfg: Config) -> bool:
+    """Whether the threshold comes from leave-one-out training scores (nothing withheld)."""
+    has_hook = getattr(cls, "training_scores", None) not in (None, Model.training_scores)
+    if cfg.threshold.source == "loo" and not has_hook:
+        raise ConfigError(
+            f"model {cls.name!r} cannot score its training images leave-one-out; set "
+            "threshold.source=holdout (or auto)"
+        )
+    return cfg.threshold.source != "holdout" and has_hook
+
+
 def _split_holdout(
-    samples: list[data.Sample], fraction: float, seed: int
+    samples: list[data.Sample], fraction: float, cfg: Config
 ) -> tuple[list[data.Sample], list[data.Sample]]:
     n_hold = int(round(len(samples) * fraction)) if fraction > 0 else 0
     if n_hold == 0 or len(samples) - n_hold < 1:
         return samples, []
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    order = torch.randperm(len(samples), generator=generator).tolist()
     held = set(order[:n_hold])
     return (
         [s for i, s in enumerate(samples) if i not in held],
@@ -193,50 +214,37 @@ def _normalization(cfg: Config, net: Model) -> tuple[tuple[float, ...], tuple[fl
     return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
 
 
-def _threshold(
-    net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any
+def _holdout_threshold(
+    net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any, tiler: Any
 ) -> dict[str, Any] | None:
     if not held_out:
         return None
     loader = batch_loader(held_out, cfg, mean, std)
-    scores = [predict_batch(net, batch["image"]).scores for batch in loader]
-    values = torch.cat(scores).float().cpu().numpy()
-    value = metrics.threshold_from_normal(values, cfg.threshold.method, cfg.threshold.value)
-    return {
-        "value": float(value),
-        "method": cfg.threshold.method,
-        "parameter": cfg.threshold.value,
-        "source": f"{len(held_out)} held-out good training images",
-    }
+    scores = [predict_batch(net, batch["image"], tiler).scores for batch in loader]
+    return _threshold(torch.cat(scores), cfg, f"{len(held_out)} held-out good training images")
+
+
+def _loo_threshold(
+    net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool
+) -> dict[str, Any] | None:
+    scores = net.training_scores(progress_bar(tiled(loader, tiler), progress, "threshold"))
+    if scores is None:
+        return None
+    if tiler is not None:
+        scores = per_image_max(scores.flatten(), len(loader.dataset))
+    n = len(loader.dataset)
+    return _threshold(scores, cfg, f"{n} good training images, each scored leave-one-out")
+
+
+def _threshold(scores: torch.Tensor, cfg: Config, source: str) -> dict[str, Any]:
+    values = scores.float().cpu().numpy()
+    method = cfg.threshold.method
+    parameter = cfg.threshold.percentile if method == "percentile" else cfg.threshold.sigma
+    value = metrics.threshold_from_normal(values, method, parameter)
+    return {"value": float(value), "method": method, "parameter": parameter, "source": source}
 
 
 # -- load ------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """A trained model loaded back from its run directory."""
-
-    model: Model
-    config: Config
-    metadata: dict[str, Any]
-    path: Path
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        """The per-channel mean the model's inputs were normalised with."""
-        return tuple(self.metadata["normalization"]["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        """The per-channel std the model's inputs were normalised with."""
-        return tuple(self.metadata["normalization"]["std"])
-
-    @property
-    def threshold(self) -> float | None:
-        """The decision threshold derived at training time, if any."""
-        info = self.metadata.get("threshold")
-        return None if not info else float(info["value"])
-
-
 def load_run(run_dir: str | Path) -> Run:
     """Rebuild the model saved in ``run_dir`` (never unpickles)."""
     run_dir = Path(run_dir)
@@ -262,7 +270,7 @@ def load_run(run_dir: str | Path) -> Run:
             f"'{path}' was trained with backbone weights {saved} but this machine has {now}. "
             "Supply the same weights (model.weights) or retrain"
         )
-    return Run(net, cfg, metadata, path.parent)
+    return Run(net, cfg, metadata, path.parent, make_tiler(cfg))
 
 
 # -- test ------------------------------------------------------------------------------------
@@ -282,7 +290,7 @@ def test(
     images: list[np.ndarray] = []
     for batch in progress_bar(loader, progress, "test"):
         start = time.perf_counter()
-        pred = predict_batch(run.model, batch["image"])
+        pred = predict_batch(run.model, batch["image"], run.tiler)
         seconds += time.perf_counter() - start
         scores.append(pred.scores.float().cpu())
         maps.append(pred.maps.float().cpu())
@@ -334,7 +342,7 @@ def predict(
 
     def flush() -> Iterator[dict[str, Any]]:
         batch = torch.stack([t for _, t in pending])
-        pred = predict_batch(run.model, batch)
+        pred = predict_batch(run.model, batch, run.tiler)
         for i, (path, _) in enumerate(pending):
             value = float(pred.scores[i])
             row = {"path": str(path), "score": round(value, 6), "threshold": limit}

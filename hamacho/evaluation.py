@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from hamacho import report
 from hamacho.components import data, metrics, visualize
-from hamacho.runtime import peak_rss_mb, write_json
-
-if TYPE_CHECKING:
-    from hamacho.engine import Run
+from hamacho.runtime import Run, peak_rss_mb, write_json
 
 
 def evaluate(

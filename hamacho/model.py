@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -36,9 +36,6 @@ class Components:
     search: Callable[..., Any]
     sampler: Callable[..., Any]
     anomaly_map: Callable[..., Any]
-    tiler: Any = None
-    metrics: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +78,16 @@ class Model:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_dict`` returned."""
         raise NotImplementedError
+
+    def training_scores(self, train_loader: Iterable[dict[str, Any]]) -> torch.Tensor | None:
+        """Optional: leave-one-out image scores (N,) of the fitted training images, in order.
+
+        Called after ``fit`` with the same images, unshuffled. Each image is scored as if it had
+        not been in the fit (PatchCore: against the bank without that image's rows), so the
+        engine sets the decision threshold without withholding any image. Return None (the
+        default) when the model cannot; the engine then holds ``threshold.holdout`` images out.
+        """
+        return None
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The (mean, std) the input images must be normalised with (default: ImageNet's)."""

@@ -56,7 +56,7 @@ def class_summary(
 def describe_threshold(info: dict[str, Any] | None) -> str:
     """How a run's decision threshold was derived, in words (``info`` from its artifact)."""
     if not info:
-        return "none: no held-out good images (threshold.holdout=0); use --threshold to set one"
+        return "none: no good images were scored for one (threshold.holdout=0); use --threshold"
     source = info.get("source", "held-out good images")
     method, value = info.get("method"), info.get("parameter")
     if method == "percentile":

@@ -6,6 +6,7 @@ import json
 import resource
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,33 @@ from hamacho.components import data
 from hamacho.components.tiler import Tiler
 from hamacho.config import Config
 from hamacho.model import Model, Prediction
+
+
+@dataclass
+class Run:
+    """A trained model loaded back from its run directory."""
+
+    model: Model
+    config: Config
+    metadata: dict[str, Any]
+    path: Path
+    tiler: Tiler | None = None  # run state the engine keeps, never on the model
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The per-channel mean the model's inputs were normalised with."""
+        return tuple(self.metadata["normalization"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """The per-channel std the model's inputs were normalised with."""
+        return tuple(self.metadata["normalization"]["std"])
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold derived at training time, if any."""
+        info = self.metadata.get("threshold")
+        return None if not info else float(info["value"])
 
 
 def batch_loader(samples: list[data.Sample], cfg: Config, mean: Any, std: Any) -> Any:
@@ -43,14 +71,24 @@ def tiled(loader: Any, tiler: Tiler | None) -> Any:
     return loader if tiler is None else _TiledBatches(loader, tiler)
 
 
-def predict_batch(net: Model, images: torch.Tensor) -> Prediction:
-    """``net.predict``, through the run's tiler when ``tiler.tile_size`` is set."""
-    tiler = net.components.tiler
+def make_tiler(cfg: Config) -> Tiler | None:
+    """The run's tiler (``tiler.tile_size`` set), or None: run state kept by the engine."""
+    return Tiler(cfg.tiler.tile_size, cfg.tiler.stride) if cfg.tiler.tile_size else None
+
+
+def predict_batch(net: Model, images: torch.Tensor, tiler: Tiler | None = None) -> Prediction:
+    """``net.predict``, through ``tiler`` when the run tiles its images."""
     if tiler is None:
         return net.predict(images)
     pred = net.predict(tiler.tile(images))  # (B*T, ...) per tile
-    maps = tiler.untile(pred.maps[:, None], tuple(images.shape[-2:]))[:, 0]
-    return Prediction(scores=pred.scores.reshape(images.shape[0], -1).amax(dim=1), maps=maps)
+    h, w = images.shape[-2:]
+    maps = tiler.untile(pred.maps[:, None], (int(h), int(w)))[:, 0]
+    return Prediction(scores=per_image_max(pred.scores, images.shape[0]), maps=maps)
+
+
+def per_image_max(tile_scores: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Tile scores (N*T,) -> image scores (N,): an image is as anomalous as its worst tile."""
+    return tile_scores.reshape(n_images, -1).amax(dim=1)
 
 
 def to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:

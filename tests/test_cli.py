@@ -82,7 +82,7 @@ def trained(tiny_mvtec, tmp_path_factory):
         str(tiny_mvtec),
         "--output",
         str(out),
-        *_sets("model.embedding_dim=64", "threshold.holdout=0.25"),
+        *_sets("model.embedding_dim=64", "threshold.source=holdout", "threshold.holdout=0.25"),
     )
     assert result.exit_code == 0, result.output
     return out

@@ -21,7 +21,7 @@ class _ToyConfig:
 def test_resolve_defaults_then_layers_in_order():
     cfg = config.resolve(
         _ToyConfig,
-        [{"model": {"k": 3}, "data": {"image_size": 128}}],
+        [{"model": {"k": 3}, "data": {"image_size": 128, "crop_size": 112}}],
         [{"model": {"k": 5}}],
     )
     assert cfg.model.k == 5
@@ -101,3 +101,25 @@ def test_apply_marks_keys_explicit_only_when_asked():
     assert cfg.model.backbone == "x" and not cfg.explicit
     config.apply(cfg, {"model": {"k": 2}}, explicit=True)
     assert cfg.explicit == {"model.k"}
+
+
+def test_resolve_checks_ranges_after_overrides():
+    # an override that makes the data section inconsistent is caught before any work
+    with pytest.raises(ConfigError, match="data.crop_size=224 is larger than data.image_size=128"):
+        config.resolve(_ToyConfig, [], [{"data": {"image_size": 128}}])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("holdout", 1.5, r"threshold.holdout must be in \[0, 1\)"),
+        ("holdout", -0.1, r"threshold.holdout must be in \[0, 1\)"),
+        ("percentile", 101, r"threshold.percentile must be in \[0, 100\]"),
+        ("sigma", float("inf"), "threshold.sigma must be a finite number"),
+        ("method", "median", "threshold.method must be one of percentile, sigma"),
+        ("source", "oracle", "threshold.source must be one of auto, loo, holdout"),
+    ],
+)
+def test_threshold_settings_out_of_range(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        config.resolve(_ToyConfig, [], [{"threshold": {key: value}}])

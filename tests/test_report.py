@@ -68,7 +68,7 @@ def _check_html(path: Path) -> _Checker:
 @pytest.fixture(scope="module")
 def tested(tiny_mvtec, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    sets = [*FAST, "model.embedding_dim=64", "threshold.holdout=0.25"]
+    sets = [*FAST, "model.embedding_dim=64", "threshold.source=holdout", "threshold.holdout=0.25"]
     engine.train("patchcore", tiny_mvtec, overrides=sets, output=run_dir)
     return run_dir, engine.test(run_dir)
 
