@@ -9,6 +9,7 @@ neither hamacho nor anomalib: the anomalib venv has no hamacho.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,14 +20,13 @@ from typing import Any
 
 import torch
 
-DEFAULT_ANOMALIB_PYTHON = "/work/anomalib-venv/bin/python"
 _HEADS = ("fc.", "classifier.", "conv_head.", "bn2.", "head.")  # dropped by features_only nets
 
 
 # -- parent side (hamacho venv) ----------------------------------------------------------------
 def default_anomalib_python() -> str | None:
-    """The anomalib venv's interpreter when it exists, else None."""
-    return DEFAULT_ANOMALIB_PYTHON if Path(DEFAULT_ANOMALIB_PYTHON).exists() else None
+    """The anomalib venv's interpreter from $ANOMALIB_PYTHON, else None (no machine paths)."""
+    return os.environ.get("ANOMALIB_PYTHON") or None
 
 
 def load_category(
@@ -114,7 +114,7 @@ def add_common_arguments(parser: Any, layers: Sequence[str], timeout: float = 36
     parser.add_argument(
         "--anomalib-python",
         default=default_anomalib_python(),
-        help="interpreter of a venv with anomalib (default: /work/anomalib-venv if present)",
+        help="interpreter of a venv with anomalib 2.7 (default: $ANOMALIB_PYTHON; none: skipped)",
     )
     parser.add_argument("--skip-anomalib", action="store_true")
     parser.add_argument("--timeout", type=float, default=timeout, help="seconds per tool run")

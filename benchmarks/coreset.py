@@ -3,7 +3,7 @@
     python benchmarks/coreset.py [--n 164000] [--dim 1536] [--ratio 0.1] [--anomalib-n 20000]
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own. If `anomalib` imports
-(e.g. run this file with /work/anomalib-venv/bin/python), its KCenterGreedy runs on the same
+(e.g. run this file with the anomalib venv's python), its KCenterGreedy runs on the same
 features too. Only hamacho.components.sampling is imported, so any venv with torch works.
 Prints a markdown table of measured numbers; nothing is extrapolated. CPU seconds are
 listed because wall time on a shared machine depends on what else runs.

@@ -1,8 +1,8 @@
 """hamacho PaDiM against anomalib's PadimModel on MVTec-layout categories.
 
-    python benchmarks/padim_vs_anomalib.py /work/shared/datasets/{bottle,screw} \\
+    python benchmarks/padim_vs_anomalib.py ../shared/datasets/{bottle,screw} \\
         [--backbone tf_efficientnet_lite0 --layers blocks.1 blocks.2 blocks.4 --n-features 100] \\
-        [--anomalib-python /work/anomalib-venv/bin/python] [--memory-scaling] \\
+        [--anomalib-python VENV/bin/python] [--memory-scaling] \\
         [--set model.KEY=VALUE ...] [--variant model.border=mirror ...]
 
 Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop

@@ -1,11 +1,15 @@
-"""hamacho PatchCore against anomalib's PatchcoreModel on one MVTec-layout category.
+"""hamacho PatchCore against anomalib's PatchcoreModel and the official code on one category.
 
-    python benchmarks/patchcore_vs_anomalib.py /work/shared/datasets/bottle \\
+    python benchmarks/patchcore_vs_anomalib.py ../shared/datasets/bottle \\
         [--backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4] [--coreset 0.1] \\
-        [--anomalib-python /work/anomalib-venv/bin/python] [--set model.score=paper ...] \\
+        [--anomalib-python VENV/bin/python] [--official-checkout DIR] [--set model.score=paper] \\
         [--variant model.search=faiss_flat ...]
-    python benchmarks/patchcore_vs_anomalib.py /work/shared/datasets/bottle --memory-scaling \\
+    python benchmarks/patchcore_vs_anomalib.py ../shared/datasets/bottle --memory-scaling \\
         --backbone wide_resnet50_2 --layers layer2 layer3 --weights none --scaling-sizes 200 2000
+
+``--official-checkout`` is a checkout of amazon-science/patchcore-inspection (its ``src/``); it
+runs in the anomalib venv (``--official-python`` to choose another) with its own approximate
+greedy coreset and faiss search, fed the same tensors and weights.
 
 Both tools get the same normalised tensors (hamacho's loader: resize to --image-size, centre crop
 to --crop-size) and the same backbone weights (resolved by hamacho, saved to a temp file and
@@ -117,6 +121,55 @@ def run_anomalib(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
     return {**stats, "bank": bank, **inference_stats(predict, data["test"], options["repeats"])}
 
 
+def run_official(options: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Fit and time the official PatchCore code (worker process, the peer venv)."""
+    import os
+
+    import numpy as np
+    import timm
+
+    os.environ["TQDM_DISABLE"] = "1"
+    sys.path.insert(0, str(Path(options["official_checkout"]) / "src"))
+    import patchcore.common
+    import patchcore.patchcore
+    import patchcore.sampler
+
+    np.random.seed(options["seed"])
+    backbone = timm.create_model(options["backbone"], pretrained=False)
+    state = torch.load(options["weights_file"], map_location="cpu", weights_only=True)
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys:  # only the classifier head may be missing from a features net
+        heads = [k for k in result.missing_keys if not k.startswith(("classifier.", "fc."))]
+        if heads:
+            raise RuntimeError(f"weights do not fit the official backbone: missing {heads[:3]}")
+    backbone.name = options["backbone"]
+    device = torch.device("cpu")
+    model = patchcore.patchcore.PatchCore(device)
+    threads = options.get("threads") or torch.get_num_threads()
+    model.load(
+        backbone=backbone,
+        layers_to_extract_from=options["layers"],
+        device=device,
+        input_shape=tuple(data["train"].shape[1:]),
+        pretrain_embed_dimension=1024,
+        target_embed_dimension=1024,
+        patchsize=3,
+        anomaly_score_num_nn=1,
+        featuresampler=patchcore.sampler.ApproximateGreedyCoresetSampler(
+            options["coreset"], device
+        ),
+        nn_method=patchcore.common.FaissNN(False, threads),
+    )
+    stats = measure_fit(lambda: model.fit(list(cycled_batches(data["train"], 8))))
+
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = model.predict(x)
+        return torch.as_tensor(np.array(scores)), torch.as_tensor(np.stack(maps))
+
+    bank = int(model.anomaly_scorer.detection_features.shape[0])
+    return {**stats, "bank": bank, **inference_stats(predict, data["test"], options["repeats"])}
+
+
 # -- parent ------------------------------------------------------------------------------------
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,6 +177,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     add_common_arguments(parser, layers=["blocks.2", "blocks.4"], timeout=3 * 3600)
     parser.add_argument("--coreset", type=float, default=0.1, help="coreset ratio")
     parser.add_argument("--num-neighbors", type=int, default=9)
+    parser.add_argument("--official-checkout", help="patchcore-inspection checkout (its src/)")
+    parser.add_argument(
+        "--official-python", help="interpreter for the official code (default: anomalib's)"
+    )
     parser.add_argument(
         "--memory-scaling",
         action="store_true",
@@ -137,9 +194,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data: dict) -> list:
     rows = []
     runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
+    official_python = args.official_python or args.anomalib_python
+    if args.official_checkout and official_python:
+        runs.append(("official", official_python, "official", []))
     for i, (label, python, tool, extra) in enumerate(runs):
         print(f"running {label} ...", file=sys.stderr, flush=True)
         opts = {**options, "tool": tool, "overrides": args.overrides + extra}
+        opts["official_checkout"] = args.official_checkout
         out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
         rows.append(add_aurocs({"tool": label, **out}, data))
     return rows
@@ -163,7 +224,8 @@ def _scaling(args: argparse.Namespace, options: dict[str, Any], work: Path) -> N
 def main(argv: list[str]) -> None:
     """Prepare data once, run each tool in its own process, print one table."""
     if argv[:1] == ["--worker"]:
-        worker_main(argv[1:], {"hamacho": run_hamacho, "anomalib": run_anomalib})
+        runners = {"hamacho": run_hamacho, "anomalib": run_anomalib, "official": run_official}
+        worker_main(argv[1:], runners)
         return
     args = _parse(argv)
     from _common import load_category, save_backbone
@@ -199,14 +261,15 @@ def main(argv: list[str]) -> None:
         f"hamacho overrides: {' '.join(args.overrides) or 'none'}\n"
     )
     print_table(rows, COLUMNS)
-    if rows[-1]["tool"] == "anomalib":
-        a = rows[-1]
+    peers = [r for r in rows if r["tool"] in ("anomalib", "official")]
+    for a in peers:
         print()
-        for h in rows[:-1]:
+        for h in (r for r in rows if r not in peers):
             print(
-                f"{h['tool']} vs anomalib: fit {a['fit_s'] / h['fit_s']:.1f}x faster, inference "
-                f"{a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / {a['ms_b32'] / h['ms_b32']:.1f}x "
-                f"(batch 32) throughput, peak RSS {h['peak_mb'] / a['peak_mb']:.2f}x"
+                f"{h['tool']} vs {a['tool']}: fit {a['fit_s'] / h['fit_s']:.1f}x faster, "
+                f"inference {a['ms_b1'] / h['ms_b1']:.1f}x (batch 1) / "
+                f"{a['ms_b32'] / h['ms_b32']:.1f}x (batch 32) throughput, peak RSS "
+                f"{h['peak_mb'] / a['peak_mb']:.2f}x"
             )
 
 
