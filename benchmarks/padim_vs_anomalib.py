@@ -131,6 +131,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="fit on 100 and 1,000 images (first category) and compare peak RSS",
     )
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument(
+        "--anomalib-own-channels",
+        action="store_true",
+        help="anomalib draws its own channel subset (torch.randperm under --seed), as its "
+        "users get it, instead of hamacho's",
+    )
     return parser.parse_args(argv)
 
 
@@ -139,7 +145,8 @@ def _compare(args: argparse.Namespace, options: dict[str, Any], work: Path, data
     runs = tool_runs(args.variant, args.anomalib_python, args.skip_anomalib)
     for i, (label, python, tool, extra) in enumerate(runs):
         print(f"running {label} on {Path(options['category']).name} ...", file=sys.stderr)
-        opts = {**options, "tool": tool, "channels": channels, "overrides": args.overrides + extra}
+        shared = None if tool == "anomalib" and args.anomalib_own_channels else channels
+        opts = {**options, "tool": tool, "channels": shared, "overrides": args.overrides + extra}
         out = run_tool(python, __file__, opts, work, f"{tool}-{i}", args.timeout)
         if channels is None and tool == "hamacho":
             channels = out["channels"].tolist()
@@ -189,9 +196,11 @@ def main(argv: list[str]) -> None:
             else:
                 rows += _compare(args, options, work, data)
     crop = f"centre crop {args.crop_size}" if args.crop_size else "no crop"
+    own = args.anomalib_own_channels
+    channels = "anomalib's own draw" if own else "same channels in both tools"
     print(
         f"\nPaDiM: resize {args.image_size} + {crop}, {args.backbone} {'+'.join(args.layers)}, "
-        f"{args.n_features} features (same channels in both tools), weights {backbone['weights']},"
+        f"{args.n_features} features ({channels}), weights {backbone['weights']},"
         f" {args.threads or torch.get_num_threads()} threads; hamacho overrides: "
         f"{' '.join(args.overrides) or 'none'}\n"
     )
