@@ -82,11 +82,15 @@ def test_third_party_entry_point_loads_and_env_filters_it(site, monkeypatch):
     assert Registry().get("toy").distribution == "toy-plugin"
     assert Registry().get("toy").version == "1.2.3"
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "")
+    assert set(Registry().models()) == set()  # bundled or not, every plugin is an entry point
+    monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "patchcore,padim")
     assert set(Registry().models()) == {"padim", "patchcore"}
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "toy, other")
-    assert "toy" in Registry().models()
+    assert set(Registry().models()) == {"toy"}
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "other")
     assert "toy" not in Registry().models()
+    with pytest.raises(UnknownModelError, match="HAMACHO_LOAD_PLUGINS='other' limits"):
+        Registry().get("toy")
 
 
 def test_two_plugins_claiming_one_name_names_both(site):

@@ -86,9 +86,15 @@ def test_installed_plugin_trains_and_tests(installed, tiny_mvtec, tmp_path):
     assert metrics["image_auroc"] > 0.5  # the synthetic defects change pixels visibly
 
 
-def test_empty_load_plugins_hides_third_party(installed):
-    result = hamacho(installed, "models", "--json", HAMACHO_LOAD_PLUGINS="")
+def test_load_plugins_picks_entry_points(installed):
+    bundled = {"HAMACHO_LOAD_PLUGINS": "patchcore,padim"}
+    result = hamacho(installed, "models", "--json", **bundled)
     assert [r["name"] for r in json.loads(result.stdout)] == ["padim", "patchcore"]
-    unknown = hamacho(installed, "train", "--model", "meandiff", HAMACHO_LOAD_PLUGINS="")
+    unknown = hamacho(installed, "train", "--model", "meandiff", **bundled)
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "error: Unknown model 'meandiff'. Available: padim, patchcore"
+    assert unknown.stderr.strip() == (
+        "error: Unknown model 'meandiff'. Available: padim, patchcore "
+        "(HAMACHO_LOAD_PLUGINS='patchcore,padim' limits the plugins loaded)"
+    )
+    none = hamacho(installed, "models", "--json", HAMACHO_LOAD_PLUGINS="")
+    assert json.loads(none.stdout) == []
