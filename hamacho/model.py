@@ -55,7 +55,7 @@ class NoConfig:
 
 
 class Model:
-    """Base class of every hamacho model (PatchCore, PaDiM, third-party plugins).
+    """Base class of every hamacho model, bundled or third-party.
 
     Subclasses set ``name``, ``summary`` and ``Config`` and implement ``fit``, ``predict``,
     ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``
@@ -99,7 +99,7 @@ class Model:
         """Optional: leave-one-out image scores (N,) of the fitted training images, in order.
 
         Called after ``fit`` with the same images, unshuffled. Each image is scored as if it had
-        not been in the fit (PatchCore: against the bank without that image's rows), so the
+        not been in the fit (e.g. against a memory bank without that image's rows), so the
         engine sets the decision threshold without withholding any image. Return None (the
         default) when the model cannot; the engine then holds ``threshold.holdout`` images out.
         """

@@ -156,3 +156,18 @@ def test_reset_registry_gives_a_fresh_one():
     first = get_registry()
     reset_registry()
     assert get_registry() is not first
+
+
+def test_core_names_no_bundled_model():
+    """The core reaches bundled models only through the registry, like any plugin's."""
+    root = Path(__file__).parents[1]
+    bundled = sorted(p.parent.name for p in (root / "plugins").glob("*/pyproject.toml"))
+    assert {"patchcore", "padim"} <= set(bundled)
+    hits = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in sorted((root / "hamacho").rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if any(name in line.lower() for name in bundled)
+    ]
+    assert hits == []
