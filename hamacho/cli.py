@@ -171,11 +171,12 @@ def predict(
 
 
 @main.command()
-@click.option("--models", help="Comma-separated model names, e.g. patchcore,padim.")
+@click.option("--models", help="Comma-separated model names (see `hamacho models`).")
 @click.option(
     "--backbones",
     multiple=True,
-    help="Comma-separated NAME[:LAYER+LAYER][@WEIGHTS], e.g. resnet18@none,tf_efficientnet_lite0.",
+    help="Comma-separated NAME[:LAYER+LAYER][@WEIGHTS], e.g. resnet18@none,tf_efficientnet_lite0"
+    " (default: each model's own backbone).",
 )
 @click.option("--data", "data_dir", type=click.Path(), help="Dataset folder(s): --data A B C.")
 @click.argument("more_data", nargs=-1, type=click.Path(), metavar="[DIR]...")
@@ -207,9 +208,8 @@ def benchmark(
 ) -> None:
     """Train and test every model x backbone x dataset x seed; tabulate and plot the results."""
     from hamacho import benchmark as bench
-    from hamacho.benchmark_grid import make_grid
 
-    grid = make_grid(
+    grid = bench.make_grid(
         models,
         ",".join(backbones) or None,
         [d for d in (data_dir, *more_data) if d] or None,

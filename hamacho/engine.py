@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import glob
 import time
@@ -117,7 +118,7 @@ def build_model(entry: ModelEntry, cfg: Config, echo: Echo = _quiet) -> Model:
         echo(f"note: {exc}")
         desc = ", ".join(f"model.{k}={v}" for k, v in fallback.items())
         echo(f"note: using {desc} instead (set model.backbone to choose another backbone)")
-        config_mod.apply(cfg, {"model": dict(fallback)})
+        config_mod.apply(cfg, {"model": copy.deepcopy(fallback)})  # never alias the class's
         return entry.cls(cfg.model, components)
 
 

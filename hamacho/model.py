@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,6 +11,11 @@ import torch
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+
+    from hamacho.components.features import NetworkFeatureAggregator
+    from hamacho.components.maps import AnomalyMapGenerator
+    from hamacho.components.sampling import CoresetSampler
+    from hamacho.components.search import NearestNeighbourSearch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,15 +33,20 @@ class Prediction:
 class Components:
     """Shared building blocks set up by the core for one run and handed to each model.
 
-    The factories bind the run's device, so a model writes
-    ``components.feature_aggregator("resnet18", ["layer2"])``.
+    The factories take the component's own arguments and bind the run's device, so a model
+    writes ``components.feature_aggregator("resnet18", ["layer2"])``. A model that needs none
+    of them may ignore the argument.
     """
 
     device: torch.device
-    feature_aggregator: Callable[..., Any]
-    search: Callable[..., Any]
-    sampler: Callable[..., Any]
-    anomaly_map: Callable[..., Any]
+    # (backbone, layers, weights=..., bf16=...) -> frozen backbone returning {layer: (B, C, h, w)}
+    feature_aggregator: Callable[..., NetworkFeatureAggregator]
+    # (backend=...) -> k-NN index: .fit(bank (N, D)), .search(queries (M, D), k)
+    search: Callable[..., NearestNeighbourSearch]
+    # (ratio=..., max_size=..., projection_dim=..., seed=...) -> greedy k-center coreset
+    sampler: Callable[..., CoresetSampler]
+    # (sigma=..., border=...) -> callable (B, h, w) patch scores -> (B, H, W) smoothed maps
+    anomaly_map: type[AnomalyMapGenerator]
 
 
 @dataclass
@@ -44,10 +55,12 @@ class NoConfig:
 
 
 class Model:
-    """Base class of every hamacho model (PatchCore, PaDiM, third-party plugins).
+    """Base class of every hamacho model, bundled or third-party.
 
     Subclasses set ``name``, ``summary`` and ``Config`` and implement ``fit``, ``predict``,
-    ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``.
+    ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``
+    and reads nothing else from a model but the optional hooks below (a subclass need not call
+    ``super().__init__``).
     """
 
     name: ClassVar[str] = ""
@@ -58,6 +71,9 @@ class Model:
     offline_fallback: ClassVar[dict[str, Any]] = {}
     # model-section overrides that make the model tiny, for the contract test.
     test_overrides: ClassVar[dict[str, Any]] = {}
+    # backbone-name pattern (fnmatch, first match wins) -> the feature layers this model uses
+    # with it; ``default_layers`` reads it (``hamacho benchmark --backbones NAME``).
+    layer_presets: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, config: Any, components: Components) -> None:
         self.config = config
@@ -83,7 +99,7 @@ class Model:
         """Optional: leave-one-out image scores (N,) of the fitted training images, in order.
 
         Called after ``fit`` with the same images, unshuffled. Each image is scored as if it had
-        not been in the fit (PatchCore: against the bank without that image's rows), so the
+        not been in the fit (e.g. against a memory bank without that image's rows), so the
         engine sets the decision threshold without withholding any image. Return None (the
         default) when the model cannot; the engine then holds ``threshold.holdout`` images out.
         """
@@ -96,6 +112,14 @@ class Model:
     def info(self) -> dict[str, Any]:
         """Model-specific facts for ``train.json`` (sizes, backbone identity, ...)."""
         return {}
+
+    @classmethod
+    def default_layers(cls, backbone: str) -> list[str] | None:
+        """The feature layers to use with ``backbone`` (a bare name), or None if not known."""
+        for pattern, layers in cls.layer_presets.items():
+            if fnmatch.fnmatchcase(backbone, pattern):
+                return list(layers)
+        return None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -17,9 +17,8 @@ from hamacho.errors import PluginError, UnknownModelError
 from hamacho.model import Model
 
 ENTRY_POINT_GROUP = "hamacho"
-# Distributions that ship with hamacho: they load like any plugin, but always, whatever
-# HAMACHO_LOAD_PLUGINS says.
-BUNDLED = frozenset({"hamacho-patchcore", "hamacho-padim"})
+# Picks the entry points to load (comma-separated names; empty: none). Every plugin, bundled
+# with hamacho or not, is an entry point like any other, so this applies to all alike.
 LOAD_ENV = "HAMACHO_LOAD_PLUGINS"
 
 
@@ -91,7 +90,7 @@ class Registry:
         wanted = _wanted_plugins()
         for ep in _entry_points():
             dist = ep.dist.name if ep.dist is not None else "unknown"
-            if _normalise(dist) not in BUNDLED and wanted is not None and ep.name not in wanted:
+            if wanted is not None and ep.name not in wanted:
                 continue
             try:
                 module = ep.load()
@@ -141,12 +140,10 @@ class Registry:
         models = self.models()
         if name not in models:
             available = ", ".join(models) or "none (no model plugin is installed)"
-            raise UnknownModelError(f"Unknown model {name!r}. Available: {available}")
+            limited = os.environ.get(LOAD_ENV)
+            hint = "" if limited is None else f" ({LOAD_ENV}={limited!r} limits the plugins loaded)"
+            raise UnknownModelError(f"Unknown model {name!r}. Available: {available}{hint}")
         return models[name]
-
-
-def _normalise(dist: str) -> str:
-    return dist.lower().replace("_", "-")
 
 
 def _wanted_plugins() -> set[str] | None:

@@ -46,6 +46,8 @@ def assert_model_contract(
 ) -> None:
     """Run ``model_cls`` through fit -> predict -> save -> load -> predict and check the results.
 
+    Also checks that a good test image with an obvious defect pasted in (a high-contrast
+    checkerboard over the middle ninth) scores, and maps, above the same image without it.
     ``data_root`` is an MVTec-layout folder (``hamacho.components.synthetic`` makes one);
     ``overrides`` are config sections on top of the model's ``test_overrides``.
     """
@@ -60,7 +62,7 @@ def assert_model_contract(
     from hamacho.model import Prediction
 
     layers = [
-        {"model": dict(model_cls.test_overrides)},
+        {"model": dict(getattr(model_cls, "test_overrides", {}))},
         {"data": {"image_size": 64, "crop_size": None, "batch_size": 4}},
         overrides or {},
     ]
@@ -77,6 +79,7 @@ def assert_model_contract(
     assert first.scores.shape == (b,), f"scores shape {tuple(first.scores.shape)} != ({b},)"
     assert first.maps.shape == (b, h, w), f"maps shape {tuple(first.maps.shape)} != {(b, h, w)}"
     assert torch.isfinite(first.scores).all() and torch.isfinite(first.maps).all()
+    _assert_defect_scores_higher(model, test, mean, std)
     state = model.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values()), "state_dict: tensors only"
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,3 +91,27 @@ def assert_model_contract(
     second = again.predict(images)
     torch.testing.assert_close(second.scores, first.scores)
     torch.testing.assert_close(second.maps, first.maps)
+
+
+def _assert_defect_scores_higher(model: Any, test: Any, mean: Any, std: Any) -> None:
+    """A good image with a pasted checkerboard must score and map above the clean image."""
+    import torch
+
+    good = next(i for i in range(len(test)) if test[i]["label"] == 0)
+    clean = test[good]["image"]  # (3, H, W), normalised
+    _, h, w = clean.shape
+    rows, cols = slice(h // 3, 2 * h // 3), slice(w // 3, 2 * w // 3)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    board = ((yy // 4 + xx // 4) % 2).float()  # 4-pixel black/white squares, (H, W)
+    m = torch.tensor(mean, dtype=clean.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=clean.dtype)[:, None, None]
+    defect = clean.clone()
+    defect[:, rows, cols] = ((board - m) / s)[:, rows, cols]
+    pred = model.predict(torch.stack([clean, defect]))
+    normal, anomalous = (float(v) for v in pred.scores)
+    assert anomalous > normal, (
+        f"an image with an obvious pasted defect scored {anomalous:.4g}, not above the same "
+        f"good image without it ({normal:.4g}): predict does not respond to anomalies"
+    )
+    inside = pred.maps[:, rows, cols].flatten(1).mean(1)
+    assert inside[1] > inside[0], "the anomaly map is not higher where the defect was pasted"

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from hamacho.components.synthetic import make_synthetic_dataset
@@ -26,3 +32,21 @@ def _offline(monkeypatch, tmp_path_factory):
     """Tests never download weights, and see an empty torch cache."""
     monkeypatch.setenv("HAMACHO_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+
+
+def pip_install(src: Path, target: Path) -> Path:
+    """pip-install the package in ``src`` into ``target`` only (no deps), as a user would."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    if importlib.util.find_spec("setuptools"):
+        cmd.append("--no-build-isolation")
+    subprocess.run([*cmd, "--target", str(target), str(src)], check=True, capture_output=True)
+    return target
+
+
+def hamacho_cli(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -m hamacho ARGS`` in a fresh process that also sees the packages in ``site``."""
+    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep this checkout's
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "hamacho", *args], capture_output=True, text=True, env=environ
+    )

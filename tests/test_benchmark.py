@@ -7,10 +7,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from hamacho import benchmark, benchmark_grid
-from hamacho.benchmark_grid import BackboneSpec, default_layers, parse_backbone
+from hamacho import benchmark as bench
+from hamacho.benchmark import runner
+from hamacho.benchmark.grid import BackboneSpec, parse_backbone
+from hamacho.benchmark.plan import default_layers
 from hamacho.cli import main
 from hamacho.errors import ConfigError, DataError
+from hamacho.plugins import get_registry
 
 from .conftest import FAST
 
@@ -30,24 +33,25 @@ def test_parse_backbone_layers_weights_and_timm_prefix():
 
 
 def test_default_layers_table_explicit_and_unknown():
+    patchcore, padim = (get_registry().get(name).cls for name in ("patchcore", "padim"))
     lite = BackboneSpec("tf_efficientnet_lite0")
-    assert default_layers("patchcore", lite) == ["blocks.2", "blocks.4"]
-    assert default_layers("padim", lite) == ["blocks.1", "blocks.2", "blocks.4"]
-    assert default_layers("padim", BackboneSpec("resnet50")) == [
+    assert default_layers(patchcore, lite) == ["blocks.2", "blocks.4"]
+    assert default_layers(padim, lite) == ["blocks.1", "blocks.2", "blocks.4"]
+    assert default_layers(padim, BackboneSpec("resnet50")) == [
         "layer1",
         "layer2",
         "layer3",
     ]
-    assert default_layers("padim", parse_backbone("vgg16:features.8")) == ["features.8"]
+    assert default_layers(padim, parse_backbone("vgg16:features.8")) == ["features.8"]
     with pytest.raises(ConfigError) as info:
-        default_layers("patchcore", BackboneSpec("vgg16"))
+        default_layers(patchcore, BackboneSpec("vgg16"))
     message = str(info.value)
     assert "\n" not in message and "wide_resnet*" in message
     assert "--backbones vgg16:LAYER+LAYER" in message
 
 
 def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path):
-    grid = benchmark_grid.make_grid(
+    grid = bench.make_grid(
         "patchcore,padim",
         "resnet18@none",
         [tiny_mvtec],
@@ -55,7 +59,7 @@ def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path)
         "0,3",
         ["data.image_size=64", "patchcore:model.coreset_ratio=0.5"],
     )
-    cells = benchmark_grid.plan(grid)
+    cells = bench.plan(grid)
     assert [(c.model, c.seed) for c in cells] == [
         ("patchcore", 0),
         ("patchcore", 3),
@@ -70,20 +74,20 @@ def test_plan_sets_seeds_layers_and_model_scoped_overrides(tiny_mvtec, tmp_path)
 
 
 def test_make_grid_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="benchmark needs backbones, data"):
-        benchmark_grid.make_grid("patchcore", output=tmp_path)
+    with pytest.raises(ConfigError, match="benchmark needs data"):
+        bench.make_grid("patchcore", "resnet18", output=tmp_path)
     with pytest.raises(DataError, match="'nowhere' does not exist"):
-        benchmark_grid.make_grid("padim", "resnet18", ["nowhere"], tmp_path)
+        bench.make_grid("padim", "resnet18", ["nowhere"], tmp_path)
     bad = tmp_path / "grid.yaml"
     bad.write_text("models: [padim]\nbackbone: [resnet18]\n")
     with pytest.raises(ConfigError, match="unknown key"):
-        benchmark_grid.make_grid(grid_file=bad)
+        bench.make_grid(grid_file=bad)
 
 
 @pytest.mark.parametrize("grid_file", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_grid_files_plan(grid_file, tiny_mvtec, tmp_path):
-    grid = benchmark_grid.make_grid(datasets=[tiny_mvtec], output=tmp_path, grid_file=grid_file)
-    cells = benchmark_grid.plan(grid)
+    grid = bench.make_grid(datasets=[tiny_mvtec], output=tmp_path, grid_file=grid_file)
+    cells = bench.plan(grid)
     assert len(cells) == len(grid.models) * len(grid.backbones) * len(grid.seeds)
 
 
@@ -136,6 +140,6 @@ def test_benchmark_records_failed_cell_runs_the_rest_and_resumes(tiny_mvtec, tmp
 
 def test_error_line_prefers_the_cli_error_line():
     stderr = "note: something\nerror: cannot read image 'x.png'\n"
-    assert benchmark._error_line(stderr, 1) == "cannot read image 'x.png'"
-    assert benchmark._error_line("Traceback...\nMemoryError\n", 1) == "MemoryError"
-    assert benchmark._error_line("", -9) == "killed by signal 9 (out of memory?)"
+    assert runner._error_line(stderr, 1) == "cannot read image 'x.png'"
+    assert runner._error_line("Traceback...\nMemoryError\n", 1) == "MemoryError"
+    assert runner._error_line("", -9) == "killed by signal 9 (out of memory?)"

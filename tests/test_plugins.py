@@ -82,11 +82,15 @@ def test_third_party_entry_point_loads_and_env_filters_it(site, monkeypatch):
     assert Registry().get("toy").distribution == "toy-plugin"
     assert Registry().get("toy").version == "1.2.3"
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "")
+    assert set(Registry().models()) == set()  # bundled or not, every plugin is an entry point
+    monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "patchcore,padim")
     assert set(Registry().models()) == {"padim", "patchcore"}
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "toy, other")
-    assert "toy" in Registry().models()
+    assert set(Registry().models()) == {"toy"}
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "other")
     assert "toy" not in Registry().models()
+    with pytest.raises(UnknownModelError, match="HAMACHO_LOAD_PLUGINS='other' limits"):
+        Registry().get("toy")
 
 
 def test_two_plugins_claiming_one_name_names_both(site):
@@ -152,3 +156,18 @@ def test_reset_registry_gives_a_fresh_one():
     first = get_registry()
     reset_registry()
     assert get_registry() is not first
+
+
+def test_core_names_no_bundled_model():
+    """The core reaches bundled models only through the registry, like any plugin's."""
+    root = Path(__file__).parents[1]
+    bundled = sorted(p.parent.name for p in (root / "plugins").glob("*/pyproject.toml"))
+    assert {"patchcore", "padim"} <= set(bundled)
+    hits = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in sorted((root / "hamacho").rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if any(name in line.lower() for name in bundled)
+    ]
+    assert hits == []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -133,7 +134,10 @@ def test_describe_threshold_methods():
 def test_report_renders_in_headless_chromium(tested, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium); html.parser still ran")
+        why = "chromium not installed (apt-get install -y chromium); html.parser still ran"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI must run the browser check: {why}")  # never a silent skip in CI
+        pytest.skip(why)
     run_dir, _ = tested
     shot = tmp_path / "shot.png"
     args = [

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import hamacho_cli, pip_install
 
 DOC = Path(__file__).parents[1] / "docs" / "writing-a-plugin.md"
 
@@ -25,29 +23,10 @@ def installed(tmp_path_factory):
     src = tmp_path_factory.mktemp("hamacho-meandiff")
     (src / "pyproject.toml").write_text(_blocks("toml")[0])
     (src / "hamacho_meandiff.py").write_text(_blocks("python")[0])
-    target = tmp_path_factory.mktemp("site")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--target",
-        str(target),
-        str(src),
-    ]
-    if importlib.util.find_spec("setuptools"):
-        cmd.insert(4, "--no-build-isolation")
-    subprocess.run(cmd, check=True, capture_output=True)
-    return target
+    return pip_install(src, tmp_path_factory.mktemp("site"))
 
 
-def hamacho(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(site), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "hamacho", *args], capture_output=True, text=True, env=environ
-    )
+hamacho = hamacho_cli
 
 
 def test_installed_plugin_is_listed(installed):
@@ -86,9 +65,15 @@ def test_installed_plugin_trains_and_tests(installed, tiny_mvtec, tmp_path):
     assert metrics["image_auroc"] > 0.5  # the synthetic defects change pixels visibly
 
 
-def test_empty_load_plugins_hides_third_party(installed):
-    result = hamacho(installed, "models", "--json", HAMACHO_LOAD_PLUGINS="")
+def test_load_plugins_picks_entry_points(installed):
+    bundled = {"HAMACHO_LOAD_PLUGINS": "patchcore,padim"}
+    result = hamacho(installed, "models", "--json", **bundled)
     assert [r["name"] for r in json.loads(result.stdout)] == ["padim", "patchcore"]
-    unknown = hamacho(installed, "train", "--model", "meandiff", HAMACHO_LOAD_PLUGINS="")
+    unknown = hamacho(installed, "train", "--model", "meandiff", **bundled)
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "error: Unknown model 'meandiff'. Available: padim, patchcore"
+    assert unknown.stderr.strip() == (
+        "error: Unknown model 'meandiff'. Available: padim, patchcore "
+        "(HAMACHO_LOAD_PLUGINS='patchcore,padim' limits the plugins loaded)"
+    )
+    none = hamacho(installed, "models", "--json", HAMACHO_LOAD_PLUGINS="")
+    assert json.loads(none.stdout) == []

@@ -81,12 +81,7 @@ def test_auto_scores_every_training_image_leave_one_out(models, tiny_mvtec, tmp_
     _, meta = load_artifact(run / "model.safetensors")
     assert meta["threshold"] == threshold
     # the value is the 99th percentile of the model's own leave-one-out scores
-    loaded = load_run(run)
-    samples = data.find_samples(tiny_mvtec, "train")
-    loader = batch_loader(samples, loaded.config, loaded.mean, loaded.std)
-    net = _MeanDiff(loaded.config.model, None)
-    net.fit(loader)
-    expected = np.percentile(net.training_scores(loader).numpy(), 99.0)
+    expected = np.percentile(_loo_scores(run, tiny_mvtec), 99.0)
     assert threshold["value"] == pytest.approx(float(expected), rel=1e-6)
 
 
@@ -142,3 +137,28 @@ def test_loo_source_refused_for_model_without_hook(models, tiny_mvtec, tmp_path)
             output=tmp_path / "x",
         )
     assert not (tmp_path / "x").exists()
+
+
+def _loo_scores(run, root):
+    """The leave-one-out training scores the threshold of ``run`` was derived from."""
+    loaded = load_run(run)
+    loader = batch_loader(data.find_samples(root, "train"), loaded.config, loaded.mean, loaded.std)
+    net = _MeanDiff(loaded.config.model, None)
+    net.fit(loader)
+    return net.training_scores(loader).numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["threshold.percentile=50"], lambda s: np.percentile(s, 50)),
+        (["threshold.method=sigma", "threshold.sigma=2"], lambda s: s.mean() + 2 * s.std(ddof=1)),
+    ],
+    ids=["percentile-50", "sigma-2"],
+)
+def test_each_method_uses_its_value(models, tiny_mvtec, tmp_path, sets, expected):
+    run = train("meandiff-loo", tiny_mvtec, overrides=_sets(*sets), output=tmp_path / "r")
+    threshold = _threshold(run)
+    assert threshold["parameter"] == float(sets[-1].partition("=")[2])
+    want = float(expected(_loo_scores(run, tiny_mvtec)))
+    assert threshold["value"] == pytest.approx(want, rel=1e-6)

@@ -34,11 +34,12 @@ def find_samples(root: str | Path, split: str, *, skip_bad: bool = False) -> lis
     """List the `split` ("train" | "test") samples of a dataset, sorted by path.
 
     Layouts: an MVTec AD category folder; a plain folder of good images (train only); a CSV
-    file list `path,label[,mask[,split]]` (header optional; labels good/normal/ok/0 are good,
-    1 is defect "defect", any other text is the defect type; relative paths are resolved
-    against the CSV's folder). Without a split column a CSV's train split is its good rows
-    and its test split is all rows. Missing masks or CSV files raise DataError unless
-    `skip_bad`, in which case they are kept for ImageDataset to drop and report.
+    file list `path,label[,mask[,split]]` (header optional; labels good/normal/ok/0 in any case
+    are good, 1 is defect "defect", any other text is the defect type as written; header and
+    split are case-insensitive too; relative paths are resolved against the CSV's folder).
+    Without a split column a CSV's train split is its good rows and its test split is all rows.
+    Missing masks or CSV files raise DataError unless `skip_bad`, in which case they are kept
+    for ImageDataset to drop and report.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split={split!r} is not valid; use 'train' or 'test'")

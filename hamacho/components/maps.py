@@ -26,8 +26,8 @@ def _symmetric_index(
 ) -> torch.Tensor:
     """Indices padding an axis by `radius` with scipy.ndimage's symmetric border modes.
 
-    "reflect" repeats the edge sample (d c b a | a b c d), scipy's default and the PatchCore and
-    PaDiM references' choice; "mirror" does not (d c b | a b c d), like torch/kornia "reflect"
+    "reflect" repeats the edge sample (d c b a | a b c d), scipy's default and the papers'
+    reference code's choice; "mirror" does not (d c b | a b c d), like torch/kornia "reflect"
     padding, which anomalib uses. Unlike torch's padding both work for any radius: the mirror
     image repeats with period 2*size (2*size - 2 for "mirror").
     """
@@ -60,7 +60,7 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float, border: str = "reflect") -
 class AnomalyMapGenerator:
     """Upsample patch scores bilinearly to the image size, then smooth them with a Gaussian.
 
-    `sigma=4` with kernel radius int(4*sigma + 0.5) reproduces the PatchCore reference
+    `sigma=4` with kernel radius int(4*sigma + 0.5) reproduces the reference implementations'
     post-processing (scipy.ndimage.gaussian_filter); `sigma=0` disables the blur. `border` is how
     the blur extends the map past its edges (see `_symmetric_index`).
     """

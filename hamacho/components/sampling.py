@@ -1,4 +1,4 @@
-"""Greedy k-center coreset selection over randomly projected features (PatchCore's memory bank)."""
+"""Greedy k-center coreset selection over randomly projected features (a memory bank)."""
 
 from __future__ import annotations
 

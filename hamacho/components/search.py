@@ -46,7 +46,7 @@ def _resolve_backend(backend: str) -> str:
         raise ConfigError(f"unknown search backend '{backend}'. Valid: {', '.join(BACKENDS)}")
     # "auto" is the fastest exact backend measured by benchmarks/search_backends.py (784
     # queries x 16,386 bank rows, 2 CPU threads, median ms per batch): torch 35.5 vs faiss_flat
-    # 72.9 at 152 dims (lite0 PatchCore), 144.1 vs 145.9 at 1024 (wide_resnet50_2). torch also
+    # 72.9 at 152 dims (lite0 patch bank), 144.1 vs 145.9 at 1024 (wide_resnet50_2). torch also
     # runs on any GPU and needs no extra install.
     return "torch" if backend == "auto" else backend
 

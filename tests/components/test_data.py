@@ -159,6 +159,22 @@ def test_find_samples_csv_header_and_split_column(tmp_path):
     assert [s.path.name for s in find_samples(listing, "test")] == ["b.png", "c.png"]
 
 
+def test_find_samples_csv_good_labels_header_and_split_ignore_case(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        _save(tmp_path / name, _rgb())
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        "Path,LABEL,Split\na.png,Good,TRAIN\nb.png,NORMAL,\nc.png,Ok,Test\nd.png,Scratch,\n"
+    )
+    assert [s.path.name for s in find_samples(listing, "train")] == ["a.png", "b.png"]
+    test = find_samples(listing, "test")
+    assert [(s.path.name, s.label, s.defect) for s in test] == [
+        ("b.png", 0, "good"),
+        ("c.png", 0, "good"),
+        ("d.png", 1, "Scratch"),  # a defect type is a name: kept as written
+    ]
+
+
 def test_find_samples_csv_errors_name_line(tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\nmissing.png,good\n")
@@ -351,6 +367,10 @@ def test_make_loader_shuffle_is_seeded(tmp_path):
 
     assert order(3) == order(3)
     assert sorted(order(3)) == sorted(s.path.as_posix() for s in dataset.samples)
+    in_order = [p for b in make_loader(dataset, 1) for p in b["path"]]
+    assert in_order == [s.path.as_posix() for s in dataset.samples]  # unshuffled by default
+    orders = {tuple(order(seed)) for seed in range(10)}
+    assert len(orders) > 1  # shuffle=True reorders, differently per seed
 
 
 def test_load_image_tensor_matches_dataset(tmp_path):

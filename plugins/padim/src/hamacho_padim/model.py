@@ -22,6 +22,7 @@ DEFAULT_FRACTION, DEFAULT_MAX_FEATURES = 0.3, 550
 _BLOCK_BYTES = 64 << 20  # temporaries of one Mahalanobis / inverse block
 _CPU_CHUNK = 8  # images per backbone forward on CPU
 _STATE_KEYS = ("mean", "precision", "channels", "grid")
+_LITE_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # EfficientNet-Lite stride 4, 8 and 16
 
 
 @dataclass
@@ -180,9 +181,12 @@ class Padim(Model):
     name = "padim"
     summary = "Per-position Gaussian of pretrained features, Mahalanobis-distance scoring"
     Config = PadimConfig
-    offline_fallback = {
-        "backbone": "tf_efficientnet_lite0",
-        "layers": ["blocks.1", "blocks.2", "blocks.4"],
+    offline_fallback = {"backbone": "tf_efficientnet_lite0", "layers": _LITE_LAYERS}
+    # the paper's layers for ResNets; stride 4/8/16 stages for EfficientNet-Lite
+    layer_presets = {
+        "resnet*": ["layer1", "layer2", "layer3"],
+        "wide_resnet*": ["layer1", "layer2", "layer3"],
+        "tf_efficientnet_lite*": _LITE_LAYERS,
     }
     test_overrides = {"weights": "none", "n_features": 16}
 

@@ -16,6 +16,7 @@ from hamacho_patchcore.torch_model import PatchEmbedder, reweighted_scores
 
 log = logging.getLogger("hamacho.patchcore")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_LITE_LAYERS = ["blocks.2", "blocks.4"]  # EfficientNet-Lite stride 8 and 16: 28 x 28 at 224 px
 
 
 @dataclass
@@ -93,7 +94,13 @@ class PatchCore(Model):
     name = "patchcore"
     summary = "Coreset memory bank of pretrained patch features, nearest-neighbour scoring"
     Config = PatchCoreConfig
-    offline_fallback = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}
+    offline_fallback = {"backbone": "tf_efficientnet_lite0", "layers": _LITE_LAYERS}
+    # the paper's layers for ResNets; stride 8/16 stages for EfficientNet-Lite
+    layer_presets = {
+        "resnet*": ["layer2", "layer3"],
+        "wide_resnet*": ["layer2", "layer3"],
+        "tf_efficientnet_lite*": _LITE_LAYERS,
+    }
     test_overrides = {
         "backbone": "resnet18",
         "weights": "none",

@@ -1,16 +1,11 @@
-"""The ``hamacho benchmark`` grid: backbone specs, default layers, grid files and the cell plan.
+"""The ``hamacho benchmark`` grid: backbone specs and grid files, from the command line or YAML.
 
-A Grid comes from command-line values and/or a grid YAML file; ``plan`` expands it into one Cell
-per model x backbone x dataset x seed, with the overrides and run directory of each.
+A Grid is what the user asked for; ``plan.plan`` expands it into cells.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import itertools
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,21 +13,6 @@ from typing import Any
 import yaml
 
 from hamacho.errors import ConfigError, DataError
-
-# Feature layers per model for backbones the user names without layers (fnmatch patterns, first
-# match wins): the papers' choices for ResNets, and stride 4/8/16 stages for EfficientNet-Lite.
-DEFAULT_LAYERS: dict[str, list[tuple[str, list[str]]]] = {
-    "patchcore": [
-        ("resnet*", ["layer2", "layer3"]),
-        ("wide_resnet*", ["layer2", "layer3"]),
-        ("tf_efficientnet_lite*", ["blocks.2", "blocks.4"]),
-    ],
-    "padim": [
-        ("resnet*", ["layer1", "layer2", "layer3"]),
-        ("wide_resnet*", ["layer1", "layer2", "layer3"]),
-        ("tf_efficientnet_lite*", ["blocks.1", "blocks.2", "blocks.4"]),
-    ],
-}
 
 
 @dataclass(frozen=True)
@@ -55,27 +35,13 @@ class Grid:
     """Everything one benchmark needs (from the command line and/or a grid YAML file)."""
 
     models: list[str]
-    backbones: list[BackboneSpec]
+    backbones: list[BackboneSpec]  # empty: every model with its own configured backbone
     datasets: list[Path]
     output: Path
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # `--set`, optionally `MODEL:key=value`
     timeout: float | None = None  # seconds per cell
     maps: bool = False  # write heat-map panels (slow on large test sets)
-
-
-@dataclass
-class Cell:
-    """One model x backbone x dataset x seed run."""
-
-    model: str
-    backbone: BackboneSpec
-    layers: list[str]
-    dataset: Path
-    dataset_name: str
-    seed: int
-    overrides: list[str]
-    directory: Path
 
 
 def parse_backbone(text: str) -> BackboneSpec:
@@ -87,23 +53,6 @@ def parse_backbone(text: str) -> BackboneSpec:
         raise ConfigError(f"backbone {text!r} has no name; write NAME[:LAYER+LAYER][@WEIGHTS]")
     return BackboneSpec(
         prefix + name, tuple(x for x in layers.split("+") if x), weights.strip() or None
-    )
-
-
-def default_layers(model: str, backbone: BackboneSpec, model_defaults: Any = None) -> list[str]:
-    """The backbone's layers for ``model``: explicit, from DEFAULT_LAYERS, or the model's own."""
-    if backbone.layers:
-        return list(backbone.layers)
-    bare = backbone.name.removeprefix("timm:")
-    for pattern, layers in DEFAULT_LAYERS.get(model, []):
-        if fnmatch.fnmatchcase(bare, pattern):
-            return list(layers)
-    if model_defaults is not None and getattr(model_defaults, "backbone", None) == backbone.name:
-        return list(model_defaults.layers)
-    known = ", ".join(p for p, _ in DEFAULT_LAYERS.get(model, [])) or "none"
-    raise ConfigError(
-        f"no default layers of backbone '{backbone.name}' for {model} (known: {known}); "
-        f"name them: --backbones {backbone.name}:LAYER+LAYER"
     )
 
 
@@ -150,7 +99,7 @@ def make_grid(
     specs = [parse_backbone(b) for b in (_as_list(backbones) or _as_list(raw.get("backbones")))]
     roots = [Path(d) for d in (_as_list(datasets) or _as_list(raw.get("data")))]
     out = output or raw.get("output")
-    missing = [k for k, v in (("models", names), ("backbones", specs), ("data", roots)) if not v]
+    missing = [k for k, v in (("models", names), ("data", roots)) if not v]
     if missing or not out:
         missing += [] if out else ["output"]
         raise ConfigError(
@@ -180,47 +129,3 @@ def _as_list_keep(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _scoped(overrides: Iterable[str], model: str) -> list[str]:
-    """The overrides for ``model``: unscoped ones and those written ``MODEL:section.key=value``."""
-    chosen = []
-    for item in overrides:
-        key = item.partition("=")[0]
-        scope, sep, _ = key.partition(":")
-        if sep and "." not in scope:
-            if scope == model:
-                chosen.append(item[len(scope) + 1 :])
-        else:
-            chosen.append(item)
-    return chosen
-
-
-def _label(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
-
-
-def plan(grid: Grid) -> list[Cell]:
-    """Every cell of the grid, checked up front (unknown model or backbone layers: an error)."""
-    from hamacho.plugins import get_registry
-
-    registry = get_registry()
-    names: dict[Path, str] = {}
-    for root in grid.datasets:
-        name = root.stem if root.is_file() else root.resolve().name
-        while name in names.values():
-            name += "_"  # two datasets with one folder name: keep both
-        names[root] = name
-    cells = []
-    for model, backbone in itertools.product(grid.models, grid.backbones):
-        cls = registry.get(model).cls
-        layers = default_layers(model, backbone, cls.Config())
-        sets = [f"model.backbone={backbone.name}", f"model.layers={json.dumps(layers)}"]
-        sets += [f"model.weights={backbone.weights}"] if backbone.weights else []
-        has_seed = "seed" in {f.name for f in dataclasses.fields(cls.Config)}
-        for root, seed in itertools.product(grid.datasets, grid.seeds):
-            seeds = [f"run.seed={seed}"] + ([f"model.seed={seed}"] if has_seed else [])
-            folder = grid.output / model / _label(backbone.label) / names[root] / f"seed{seed}"
-            overrides = _scoped(grid.overrides, model) + sets + seeds
-            cells.append(Cell(model, backbone, layers, root, names[root], seed, overrides, folder))
-    return cells

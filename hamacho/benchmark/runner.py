@@ -1,13 +1,12 @@
-"""``hamacho benchmark``: train and test a grid of model x backbone x dataset x seed cells.
+"""Run benchmark cells: each in its own Python process, resumable, one results row per cell.
 
-Each cell runs in its own Python process (one failure or out-of-memory kill leaves the rest
-running) and writes a normal run directory; a cell whose metrics.json exists for the same
-settings is not recomputed. The grid comes from ``benchmark_grid``; the results go to
-results.csv, results.md and results.png (``benchmark_results``).
+One failure or out-of-memory kill leaves the rest running; every cell writes a normal run
+directory, and a cell whose metrics.json exists for the same settings is not recomputed.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -16,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hamacho.benchmark_grid import Cell, Grid, plan
-from hamacho.benchmark_results import SCALARS, write_results
+from hamacho.benchmark.grid import Grid
+from hamacho.benchmark.plan import Cell, plan
+from hamacho.benchmark.results import COLUMNS, SCALARS, results_markdown
+from hamacho.benchmark.scatter import draw_scatter
 from hamacho.errors import HamachoError
 
 Echo = Callable[[str], None]
@@ -33,7 +34,7 @@ def _cell_spec(cell: Cell, maps: bool) -> dict[str, Any]:
     }
 
 
-def _cell_main() -> None:
+def cell_main() -> None:
     """Child-process entry: train then test the cell whose cell.json is ``argv[1]``."""
     from hamacho import engine
 
@@ -65,7 +66,7 @@ def run_cell(cell: Cell, maps: bool = False, timeout: float | None = None) -> di
     for stale in ("metrics.json", "train.json"):
         (cell.directory / stale).unlink(missing_ok=True)
     record_path.write_text(json.dumps({"spec": spec, "status": "running"}, indent=2))
-    code = "from hamacho.benchmark import _cell_main; _cell_main()"
+    code = "from hamacho.benchmark.runner import cell_main; cell_main()"
     start = time.perf_counter()
     try:
         argv = [sys.executable, "-c", code, str(record_path)]
@@ -100,9 +101,9 @@ def _row(cell: Cell, record: dict[str, Any], cached: bool) -> dict[str, Any]:
     peaks = [v for v in (trained.get("peak_rss_mb"), metrics.get("peak_rss_mb")) if v]
     return {
         "model": cell.model,
-        "backbone": cell.backbone.name,
+        "backbone": cell.backbone.name if cell.backbone else cell.backbone_label,
         "layers": "+".join(cell.layers),
-        "weights": cell.backbone.weights or "",
+        "weights": (cell.backbone.weights if cell.backbone else None) or "",
         "dataset": cell.dataset_name,
         "seed": cell.seed,
         "status": "ok" if metrics and record.get("status") == "ok" else "failed",
@@ -126,7 +127,7 @@ def run(grid: Grid, echo: Echo = lambda _msg: None) -> list[dict[str, Any]]:
     grid.output.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, cell in enumerate(cells, 1):
-        what = f"[{i}/{len(cells)}] {cell.model} {cell.backbone.label} {cell.dataset_name} "
+        what = f"[{i}/{len(cells)}] {cell.model} {cell.backbone_label} {cell.dataset_name} "
         what += f"seed {cell.seed}"
         echo(f"{what} ...")
         row = run_cell(cell, grid.maps, grid.timeout)
@@ -138,3 +139,13 @@ def run(grid: Grid, echo: Echo = lambda _msg: None) -> list[dict[str, Any]]:
             echo(f"{what}: FAILED: {row['error']}")
         write_results(grid.output, rows)  # partial results survive an interrupted benchmark
     return rows
+
+
+def write_results(output: Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv (every cell), results.md (tables) and results.png (accuracy vs latency)."""
+    with (output / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+    (output / "results.md").write_text(results_markdown(rows))
+    draw_scatter(rows, output / "results.png")
