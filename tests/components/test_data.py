@@ -467,6 +467,7 @@ def test_dataset_mask_of_rotated_image_compares_upright_sizes(tmp_path):
     assert item["image"].shape == (3, 16, 16) and item["image"][0, 1, 8] > item["image"][2, 1, 8]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest re-enables it
 def test_decompression_bomb_is_one_data_error_naming_the_limit(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("1", (9000, 10000)).save(path)  # 90 M pixels in a few kB, over PIL's 89.5 M
