@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import Any
 
 import click
 
-from hamacho.errors import HamachoError
+from hamacho.errors import HamachoError, UsageError
 
 
 class _Group(click.Group):
@@ -49,6 +50,19 @@ def _echo(ctx: click.Context) -> Any:
 
 def _progress(ctx: click.Context) -> bool:
     return not ctx.meta.get("hamacho.quiet") and sys.stderr.isatty()
+
+
+def _finite_threshold(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
+    # nan would print as NaN, which no strict JSON parser accepts; inf decides nothing.
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"--threshold {value} is not a finite number; pass e.g. --threshold 1.5")
+    return value
+
+
+def _positive_timeout(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--timeout {value} must be a number of seconds > 0; omit it for no limit")
+    return value
 
 
 _RUN_OPTION = click.option(
@@ -148,7 +162,12 @@ def test(ctx: click.Context, run_dir: str, data_dir: str | None, no_maps: bool) 
 @_RUN_OPTION
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--maps", "maps_dir", type=click.Path(), help="Write heat-map overlays here.")
-@click.option("--threshold", type=float, help="Override the run's decision threshold.")
+@click.option(
+    "--threshold",
+    type=float,
+    callback=_finite_threshold,
+    help="Override the run's decision threshold.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 def predict(
     run_dir: str,
@@ -190,7 +209,12 @@ def predict(
 )
 @click.option("--grid", "grid_file", type=click.Path(), help="Grid YAML (the options win).")
 @click.option("--output", "-o", type=click.Path(), help="Output folder (resumable).")
-@click.option("--timeout", type=float, help="Seconds per cell before it is stopped.")
+@click.option(
+    "--timeout",
+    type=float,
+    callback=_positive_timeout,
+    help="Seconds per cell before it is stopped.",
+)
 @click.option("--maps/--no-maps", default=None, help="Write heat-map panels (default: no).")
 @click.pass_context
 def benchmark(

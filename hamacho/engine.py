@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import glob
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib.resources import files
@@ -255,6 +256,7 @@ def load_run(run_dir: str | Path) -> Run:
             f"no trained model at '{path}'. Train one with `hamacho train --model NAME`"
         )
     tensors, metadata = artifact.load_artifact(path)
+    artifact.check_run_metadata(metadata, path)
     name = metadata.get("model", "?")
     try:
         entry = get_registry().get(name)
@@ -285,6 +287,8 @@ def test(
     """Evaluate a run on its test split; write metrics.json, scores.csv, maps/ and report.html."""
     run = load_run(run_dir)
     root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
+    # Without --data the folder comes from the run's metadata: say which one is read.
+    echo(f"testing on {root}" + ("" if data_dir else " (recorded at training; --data overrides)"))
     samples = data.find_samples(root, "test", skip_bad=run.config.data.skip_bad)
     loader = batch_loader(samples, run.config, run.mean, run.std)
     scores, maps, masks, seconds = [], [], [], 0.0
@@ -346,8 +350,10 @@ def predict(
         pred = predict_batch(run.model, batch, run.tiler)
         for i, (path, _) in enumerate(pending):
             value = float(pred.scores[i])
-            row = {"path": str(path), "score": round(value, 6), "threshold": limit}
-            row["is_anomalous"] = None if limit is None else bool(value >= limit)
+            finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
+            row = {"path": str(path), "score": round(value, 6) if finite else None}
+            row["threshold"] = limit
+            row["is_anomalous"] = None if limit is None or not finite else bool(value >= limit)
             if maps_dir:
                 image = to_uint8(batch[i : i + 1], run.mean, run.std)[0]
                 panel = visualize.overlay_panel(image, pred.maps[i].cpu().numpy(), None, limit)
@@ -359,7 +365,7 @@ def predict(
 
     for item, path in expand_inputs(inputs):
         if path is None:
-            yield {"path": item, "error": "no such file, folder or matching image"}
+            yield {"path": item, "error": _nothing_found(item)}
             continue
         try:
             tensor = data.load_image_tensor(path, run.config.data, run.mean, run.std)
@@ -373,11 +379,22 @@ def predict(
         yield from flush()
 
 
+def _nothing_found(item: str) -> str:
+    if Path(item).is_dir():
+        kinds = ", ".join(sorted(data.IMAGE_EXTENSIONS))
+        return f"folder contains no images (looked for {kinds}, in subfolders too)"
+    return "no such file, folder or matching image"
+
+
 def _unique_name(path: Path, used: set[str]) -> str:
-    """``stem.png``, or ``parent_stem.png`` (then a counter) when that name is already taken."""
-    name = f"{path.stem}.png"
+    """``stem.png``, or ``parent_stem.png`` (then a counter) when that name is already taken.
+
+    Both parts go through data.safe_name, so the map always lands inside ``--maps``.
+    """
+    stem = data.safe_name(path.stem)
+    name = f"{stem}.png"
     if name in used:
-        name = f"{path.parent.name}_{path.stem}.png"
+        name = f"{data.safe_name(path.parent.name)}_{stem}.png"
     base, n = name, 1
     while name in used:
         n += 1

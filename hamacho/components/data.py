@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,11 +13,11 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples
-from hamacho.errors import ConfigError, DataError, HamachoError
+from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples, safe_name
+from hamacho.errors import ConfigError, DataError, HamachoError, one_line
 
 __all__ = [  # discovery lives in datasets.py; re-exported so one import serves both
     "IMAGE_EXTENSIONS",
@@ -28,10 +29,15 @@ __all__ = [  # discovery lives in datasets.py; re-exported so one import serves 
     "load_image_tensor",
     "make_loader",
     "read_image",
+    "safe_name",
 ]
 logger = logging.getLogger(__name__)
 
 _SKIP_HINT = "Replace or remove it, or set data.skip_bad=true"
+_FIX_HINT = "Replace or remove it"  # where no data.skip_bad applies (predict)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit
+# The data.max_pixels check below raises DataError for what PIL would only warn about.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     skip_bad: bool = False
+    max_pixels: int = MAX_PIXELS  # larger images are refused: guards against decompression bombs
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,7 +63,13 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that cannot work."""
-        minimum = {"image_size": 1, "batch_size": 1, "num_workers": 0, "crop_size": 1}
+        minimum = {
+            "image_size": 1,
+            "batch_size": 1,
+            "num_workers": 0,
+            "crop_size": 1,
+            "max_pixels": 1,
+        }
         for name, low in minimum.items():
             value = getattr(self, name)
             if value is None and name == "crop_size":
@@ -81,23 +94,44 @@ def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> N
 
 
 def _open(
-    path: str | Path, what: str, draft: int | None = None
+    path: str | Path,
+    what: str,
+    draft: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    hint: str = _SKIP_HINT,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Fully decode `path` (so corrupt files fail here); return it and its stored size."""
+    """Fully decode `path` upright (EXIF orientation applied) so corrupt files fail here.
+
+    Returns the image and its upright full size (before any JPEG draft downscale).
+    """
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
+        # data.max_pixels asks for more than PIL allows: let PIL open them, our check still holds
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with Image.open(path) as img:
-            size = img.size
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DataError(
+                    f"{what} '{path}' has {width}x{height} = {width * height:,} pixels, more than "
+                    f"data.max_pixels={max_pixels:,} (a guard against decompression bombs). "
+                    f"Downscale it, or raise data.max_pixels if it is genuine"
+                )
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                width, height = height, width  # stored sideways: a phone held upright
             if draft is not None and img.format == "JPEG":
                 img.draft(None, (draft, draft))  # DCT-domain downscale: much faster decode
             img.load()
-            return (img if what == "mask" else _to_rgb(img)), size
+            ImageOps.exif_transpose(img, in_place=True)
+            return (img if what == "mask" else _to_rgb(img)), (width, height)
     except FileNotFoundError:
         reason = "file does not exist"
     except UnidentifiedImageError:
         reason = "not a recognised image format"
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-    raise DataError(f"cannot read {what} '{path}': {reason}. {_SKIP_HINT}")
+    except Image.DecompressionBombError:  # PIL's own limit, twice ours by default
+        reason = f"more pixels than data.max_pixels={max_pixels:,} allows"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = one_line(exc)
+    raise DataError(f"cannot read {what} '{path}': {reason}. {hint}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -189,6 +223,7 @@ class ImageDataset(Dataset):
     ) -> None:
         self.config = config
         self._transform = _Transform(config, mean, std)
+        self._hint = _FIX_HINT if config.skip_bad else _SKIP_HINT  # skip_bad=true: say no more
         self.mean, self.std = self._transform.mean, self._transform.std
         self.skipped: list[tuple[Path, str]] = []
         self.samples = list(samples)
@@ -220,14 +255,15 @@ class ImageDataset(Dataset):
         return kept
 
     def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        image, size = _open(sample.path, "image", draft=self._transform.size)
+        limit = self.config.max_pixels
+        image, size = _open(sample.path, "image", self._transform.size, limit, self._hint)
         if sample.mask is None:
             return self._transform.image(image), self._transform.empty_mask()
-        mask, mask_size = _open(sample.mask, "mask")
+        mask, mask_size = _open(sample.mask, "mask", max_pixels=limit, hint=self._hint)
         if mask_size != size:
             raise DataError(
                 f"mask '{sample.mask}' is {mask_size[0]}x{mask_size[1]} but image "
-                f"'{sample.path}' is {size[0]}x{size[1]}; they must match. {_SKIP_HINT}"
+                f"'{sample.path}' is {size[0]}x{size[1]}; they must match. {self._hint}"
             )
         return self._transform.image(image), self._transform.mask(mask)
 
@@ -309,7 +345,8 @@ def load_image_tensor(
 ) -> torch.Tensor:
     """Load one image exactly as ImageDataset does: (3, S, S) float32 normalised."""
     transform = _Transform(config, mean, std)
-    return transform.image(_open(path, "image", draft=transform.size)[0])
+    image = _open(path, "image", transform.size, config.max_pixels, hint=_FIX_HINT)[0]
+    return transform.image(image)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hamacho.errors import ConfigError, DataError
+from hamacho.errors import ConfigError, DataError, one_line
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 _GOOD_LABELS = frozenset({"good", "normal", "ok", "0"})
@@ -18,6 +19,21 @@ _LAYOUTS = (
     "or a YAML folder spec (normal: DIR, abnormal: [DIR, ...], masks: DIR, normal_test: DIR)"
 )
 _SPEC_KEYS = ("normal", "normal_test", "abnormal", "masks")
+# Separators, control characters and what Windows forbids in a file name.
+_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+_MAX_NAME = 120  # UTF-8 bytes: room for suffixes within a file system's 255
+
+
+def safe_name(name: str) -> str:
+    """``name`` (a label, defect type or file stem from the data) as one harmless path component.
+
+    Nothing derived from data may become a path as it is: a CSV label ``../../x`` or ``/tmp/x``
+    would put files outside the run. Separators and control characters become ``_``, leading
+    dots too (no ``..``, no hidden files), and an empty result is ``_``.
+    """
+    cleaned = _UNSAFE_CHARS.sub("_", name).strip()
+    cleaned = re.sub(r"^\.+", lambda m: "_" * len(m.group()), cleaned)
+    return cleaned.encode()[:_MAX_NAME].decode(errors="ignore") or "_"
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,13 @@ def _mvtec_samples(root: Path, split: str, skip_bad: bool) -> list[Sample]:
             masks = _mask_finder(root / "ground_truth" / sub.name)
             for path in _list_images(sub):
                 samples.append(Sample(path, 1, sub.name, masks(path, skip_bad)))
+    if not samples and split == "train":
+        good = split_dir / "good"
+        state = "contains none" if good.is_dir() else "is missing"
+        raise DataError(
+            f"no training images: folder '{good}' {state}; put the good images in train/good/ "
+            f"(*{', *'.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     if not samples:
         raise DataError(f"folder '{split_dir}' contains no images; {_LAYOUTS}")
     return samples
@@ -229,8 +252,7 @@ def _read_spec(spec_path: Path) -> dict:
     try:
         spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0]
-        raise DataError(f"cannot read dataset spec '{spec_path}': {reason}") from None
+        raise DataError(f"cannot read dataset spec '{spec_path}': {one_line(exc)}") from None
     if not isinstance(spec, dict) or "normal" not in spec:
         raise DataError(f"dataset spec '{spec_path}' must be a mapping with a normal: folder")
     unknown = sorted(set(spec) - set(_SPEC_KEYS))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hamacho.components.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
-from hamacho.errors import BackboneError, DataError
+from hamacho.errors import BackboneError, DataError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +207,8 @@ def _build_extractor(
             return create_feature_extractor(net, return_nodes={n: n for n in layers}), "fx"
         except Exception as exc:
             if method == "fx":
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise BackboneError(
-                    f"cannot trace {name} with torch.fx: {reason}. Use method='hooks'"
+                    f"cannot trace {name} with torch.fx: {one_line(exc)}. Use method='hooks'"
                 ) from None
             logger.info("torch.fx cannot trace %s (%s); using forward hooks", name, exc)
     return _HookExtractor(net, layers), "hooks"

@@ -41,9 +41,16 @@ def _symmetric_index(
     return torch.where(pos < size, pos, 2 * size - 1 - pos)
 
 
+def _check_border(border: str) -> None:
+    # Both plugins expose these as model.border / model.sigma: name the setting to fix.
+    if border not in BORDERS:
+        raise ConfigError(f"model.border must be one of {', '.join(BORDERS)}, got {border!r}")
+
+
 def gaussian_blur2d(maps: torch.Tensor, sigma: float, border: str = "reflect") -> torch.Tensor:
     """Blur (B, H, W) maps with a separable Gaussian, matching scipy.ndimage.gaussian_filter
     with ``mode=border`` ("reflect" or "mirror")."""
+    _check_border(border)  # also with sigma 0: a misspelt border should not pass silently
     if sigma <= 0:
         return maps
     kernel = _gaussian_kernel(sigma, maps.dtype, maps.device)
@@ -66,12 +73,11 @@ class AnomalyMapGenerator:
     """
 
     def __init__(self, sigma: float = 4.0, border: str = "reflect") -> None:
-        if border not in BORDERS:
-            raise ConfigError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+        _check_border(border)
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
-            raise ConfigError(f"maps.sigma must be a number >= 0 (0 disables blur), got {sigma!r}")
+            raise ConfigError(f"model.sigma must be a number >= 0 (0 disables blur), got {sigma!r}")
         if math.isinf(sigma):
-            raise ConfigError("maps.sigma must be finite; use a value such as 4")
+            raise ConfigError("model.sigma must be finite; use a value such as 4")
         self.sigma = float(sigma)
         self.border = border
 

