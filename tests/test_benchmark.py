@@ -84,6 +84,15 @@ def test_make_grid_errors_are_one_line(tmp_path):
         bench.make_grid(grid_file=bad)
 
 
+@pytest.mark.parametrize("timeout", [0, -5, ".nan", "soon"])
+def test_grid_file_timeout_must_be_positive(timeout, tiny_mvtec, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"models: [padim]\ndata: [{tiny_mvtec}]\noutput: out\ntimeout: {timeout}\n")
+    with pytest.raises(ConfigError, match="must be a number of seconds > 0"):
+        bench.make_grid(grid_file=grid)
+    assert bench.make_grid(grid_file=grid, timeout=30).timeout == 30.0  # the CLI's value wins
+
+
 @pytest.mark.parametrize("grid_file", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_grid_files_plan(grid_file, tiny_mvtec, tmp_path):
     grid = bench.make_grid(datasets=[tiny_mvtec], output=tmp_path, grid_file=grid_file)

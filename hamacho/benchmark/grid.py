@@ -5,6 +5,7 @@ A Grid is what the user asked for; ``plan.plan`` expands it into cells.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,13 @@ def make_grid(
         seed_list = [int(s) for s in (_as_list(seeds) or _as_list(raw.get("seeds")) or [0])]
     except ValueError:
         raise ConfigError(f"seeds must be whole numbers, e.g. --seeds 0,1; got {seeds!r}") from None
+    limit = timeout if timeout is not None else raw.get("timeout")
+    if limit is not None:
+        ok = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+        if not ok or not math.isfinite(limit) or limit <= 0:
+            raise ConfigError(
+                f"timeout {limit!r} must be a number of seconds > 0; omit it for no limit"
+            )
     return Grid(
         models=names,
         backbones=specs,
@@ -119,7 +127,7 @@ def make_grid(
         output=Path(out),
         seeds=seed_list,
         overrides=[str(s) for s in _as_list_keep(raw.get("set"))] + list(overrides),
-        timeout=timeout if timeout is not None else raw.get("timeout"),
+        timeout=None if limit is None else float(limit),
         maps=bool(maps if maps is not None else raw.get("maps", False)),
     )
 
