@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples
 from hamacho.errors import ConfigError, DataError, HamachoError
+from hamacho.preprocess import Preprocess, crop_offset
 
 __all__ = [  # discovery lives in datasets.py; re-exported so one import serves both
     "IMAGE_EXTENSIONS",
@@ -27,6 +28,7 @@ __all__ = [  # discovery lives in datasets.py; re-exported so one import serves 
     "find_samples",
     "load_image_tensor",
     "make_loader",
+    "pil_to_uint8",
     "read_image",
 ]
 logger = logging.getLogger(__name__)
@@ -111,13 +113,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """A decoded RGB PIL image as an (H, W, 3) uint8 tensor, the input of Preprocess."""
+    return torch.from_numpy(np.array(img.convert("RGB") if img.mode != "RGB" else img))
+
+
 def read_image(path: str | Path) -> Image.Image:
     """Decode an image as 8-bit RGB (grey, alpha, palette and 16-bit images included)."""
     return _open(path, "image")[0]
 
 
 class _Transform:
-    """Square resize, centre crop and normalisation shared by images and masks."""
+    """Images through hamacho.preprocess (the one implementation); masks through PIL NEAREST."""
 
     def __init__(
         self, config: DataConfig, mean: Sequence[float] | None, std: Sequence[float] | None
@@ -132,26 +139,26 @@ class _Transform:
         self.std = tuple(float(s) for s in std)
         self.size = config.image_size
         out = config.output_size
-        left = int(round((self.size - out) / 2))  # same offset as torchvision's center_crop
+        left = crop_offset(self.size, out)
         self.box = (left, left, left + out, left + out)
-        # (x / 255 - mean) / std folded into one multiply-add per channel. The maths runs in
-        # NumPy: torch's intra-op thread pool makes these tiny ops slow on a busy CPU.
-        mean_a, std_a = np.array(self.mean, np.float32), np.array(self.std, np.float32)
-        self._scale, self._shift = 1 / (255 * std_a), -mean_a / std_a
         self.out = out
+        self.preprocess = Preprocess(self.size, config.crop_size, self.mean, self.std)
 
     def _fit(self, img: Image.Image, resample: Image.Resampling) -> np.ndarray:
         if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), resample)  # PIL widens the filter: antialiased
+            img = img.resize((self.size, self.size), resample)
         if self.out != self.size:
             img = img.crop(self.box)
         return np.array(img)
 
     def image(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, S, S) float32 normalised."""
-        pixels = self._fit(img, Image.Resampling.BILINEAR)  # (S, S, 3) uint8
-        normalised = pixels.astype(np.float32) * self._scale + self._shift
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+        return self.pixels(pil_to_uint8(img))
+
+    def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB tensor -> (3, S, S) float32 normalised."""
+        with torch.no_grad():
+            return self.preprocess(pixels[None])[0]
 
     def mask(self, img: Image.Image) -> torch.Tensor:
         """Mask PIL image of any mode -> (1, S, S) float32 in {0, 1}; non-zero is defect."""
@@ -220,7 +227,8 @@ class ImageDataset(Dataset):
         return kept
 
     def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        image, size = _open(sample.path, "image", draft=self._transform.size)
+        # full decode (no JPEG draft): the API and the exported model see the same pixels
+        image, size = _open(sample.path, "image")
         if sample.mask is None:
             return self._transform.image(image), self._transform.empty_mask()
         mask, mask_size = _open(sample.mask, "mask")
@@ -309,7 +317,7 @@ def load_image_tensor(
 ) -> torch.Tensor:
     """Load one image exactly as ImageDataset does: (3, S, S) float32 normalised."""
     transform = _Transform(config, mean, std)
-    return transform.image(_open(path, "image", draft=transform.size)[0])
+    return transform.image(_open(path, "image")[0])
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
