@@ -114,8 +114,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """A decoded RGB PIL image as an (H, W, 3) uint8 tensor, the input of Preprocess."""
-    return torch.from_numpy(np.array(img.convert("RGB") if img.mode != "RGB" else img))
+    """A PIL image of any mode, converted as `read_image` does, as (H, W, 3) uint8."""
+    return torch.from_numpy(np.array(_to_rgb(img)))
 
 
 def read_image(path: str | Path) -> Image.Image:
