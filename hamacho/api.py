@@ -130,11 +130,11 @@ def to_original(amap: np.ndarray, size: tuple[int, ...], preprocess: Preprocess)
             (2 * ys / c - 1)[:, None].expand(height, width),
         ],
         dim=-1,
-    )[None].float()
-    values = torch.from_numpy(np.asarray(amap, dtype=np.float32))[None, None]
+    )[None]
+    values = torch.from_numpy(np.asarray(amap, dtype=np.float64))[None, None]  # float64: exact
     out = F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
     outside = ((ys < 0) | (ys >= c))[:, None] | ((xs < 0) | (xs >= c))[None, :]
-    return out[0, 0].masked_fill(outside, float("nan")).numpy()
+    return out[0, 0].masked_fill(outside, float("nan")).to(torch.float32).numpy()
 
 
 def load(source: str | Path, runtime: str | None = None) -> Detector:
