@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -16,7 +17,6 @@ from hamacho import engine
 from hamacho.api import as_uint8
 from hamacho.cli import main
 from hamacho.errors import UsageError
-from hamacho.export import export_run
 from hamacho.export.graph import build_graph
 from hamacho.export.runtimes import open_backend
 from hamacho.export.writers import require, write_openvino
@@ -49,7 +49,9 @@ def exported(request, tiny_mvtec, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HAMACHO_OFFLINE", "1")
         run_dir = engine.train(name, tiny_mvtec, None, FAST + MODEL_FAST[name], out)
-        return run_dir, export_run(run_dir)
+        done = CliRunner().invoke(main, ["export", "--run", str(run_dir), "--format", "onnx"])
+    assert done.exit_code == 0, done.output
+    return run_dir, Path(done.output.strip().splitlines()[-1])
 
 
 def _tests(tiny_mvtec) -> list[Path]:
@@ -172,3 +174,21 @@ def test_missing_runtime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(UsageError, match=r"pip install 'hamacho\[onnx\]'"):
         require("onnxruntime")
+
+
+@pytest.mark.slow
+def test_patchcore_paper_score_module_matches_predict(tiny_mvtec, tmp_path, monkeypatch):
+    overrides = [*FAST, *MODEL_FAST["patchcore"], "model.score=paper", "model.num_neighbors=3"]
+    run = engine.load_run(engine.train("patchcore", tiny_mvtec, None, overrides, tmp_path))
+    images = torch.stack(
+        [
+            engine.data.load_image_tensor(p, run.config.data, run.mean, run.std)
+            for p in _tests(tiny_mvtec)[:6]
+        ]
+    )
+    want = run.model.predict(images)
+    scores, maps = run.model.export_module()(images)  # the module export traces, run eagerly
+    torch.testing.assert_close(scores, want.scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(maps, want.maps, rtol=1e-4, atol=1e-5)
+    run.model.config.score = "max"
+    assert (scores < run.model.predict(images).scores).all()  # reweighted: below the max score
