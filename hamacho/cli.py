@@ -169,24 +169,50 @@ def test(ctx: click.Context, run_dir: str, data_dir: str | None, no_maps: bool) 
     help="Override the run's decision threshold.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnx", "openvino"]),
+    default="torch",
+    show_default=True,
+    help="Score with the run (torch) or its exported file (see `hamacho export`).",
+)
 def predict(
     run_dir: str,
     inputs: tuple[str, ...],
     maps_dir: str | None,
     threshold: float | None,
     batch_size: int,
+    runtime: str,
 ) -> None:
     """Score images (files, folders, globs): one JSON line per image."""
     from hamacho import engine
 
     failed = 0
-    for row in engine.predict(run_dir, inputs, maps_dir, threshold, batch_size):
+    for row in engine.predict(run_dir, inputs, maps_dir, threshold, batch_size, runtime):
         if "error" in row:
             failed += 1
             click.echo(f"error: {row['path']}: {row['error']}", err=True)
         click.echo(json.dumps(row))
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@_RUN_OPTION
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "openvino"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: one .onnx graph; openvino: OpenVINO IR (.xml + .bin).",
+)
+@click.option("--output", "-o", type=click.Path(), help="File (default RUN/model.onnx|xml).")
+def export(run_dir: str, fmt: str, output: str | None) -> None:
+    """Export a run as one graph: decoded uint8 image in, score and map out."""
+    from hamacho.export import export_run
+
+    click.echo(str(export_run(run_dir, fmt, output)))
 
 
 @main.command()

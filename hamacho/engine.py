@@ -338,25 +338,30 @@ def predict(
     maps_dir: str | Path | None = None,
     threshold: float | None = None,
     batch_size: int = 16,
+    runtime: str = "torch",
 ) -> Iterator[dict[str, Any]]:
-    """Score image files; yield one dict per image (an ``error`` key where it failed)."""
-    run = load_run(run_dir)
-    limit = run.threshold if threshold is None else threshold
-    pending: list[tuple[Path, torch.Tensor]] = []
+    """Score image files; yield one dict per image (an ``error`` key where it failed).
+
+    ``runtime`` torch scores with the run itself; onnx / openvino with its exported file.
+    """
+    from hamacho.export.runtimes import open_backend
+
+    backend = open_backend(run_dir, runtime)
+    limit = backend.threshold if threshold is None else threshold
+    pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images
     used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
 
     def flush() -> Iterator[dict[str, Any]]:
-        batch = torch.stack([t for _, t in pending])
-        pred = predict_batch(run.model, batch, run.tiler)
-        for i, (path, _) in enumerate(pending):
-            value = float(pred.scores[i])
+        scores, maps = backend.score([t for _, t in pending])  # maps at the crop size
+        for i, (path, pixels) in enumerate(pending):
+            value = float(scores[i])
             finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
             row = {"path": str(path), "score": round(value, 6) if finite else None}
             row["threshold"] = limit
             row["is_anomalous"] = None if limit is None or not finite else bool(value >= limit)
             if maps_dir:
-                image = to_uint8(batch[i : i + 1], run.mean, run.std)[0]
-                panel = visualize.overlay_panel(image, pred.maps[i].cpu().numpy(), None, limit)
+                image = backend.preprocess.pixels(pixels[None])[0].permute(1, 2, 0)
+                panel = visualize.overlay_panel(image.byte().numpy(), maps[i], None, limit)
                 out = Path(maps_dir) / _unique_name(path, used)
                 visualize.save_png(out, panel)
                 row["map"] = str(out)
@@ -368,7 +373,7 @@ def predict(
             yield {"path": item, "error": _nothing_found(item)}
             continue
         try:
-            tensor = data.load_image_tensor(path, run.config.data, run.mean, run.std)
+            tensor = data.pil_to_uint8(data.read_image(path))
         except DataError as exc:
             yield {"path": str(path), "error": str(exc)}
             continue

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples, safe_name
 from hamacho.errors import ConfigError, DataError, HamachoError, one_line
+from hamacho.preprocess import Preprocess, crop_offset
 
 __all__ = [  # discovery lives in datasets.py; re-exported so one import serves both
     "IMAGE_EXTENSIONS",
@@ -28,6 +29,7 @@ __all__ = [  # discovery lives in datasets.py; re-exported so one import serves 
     "find_samples",
     "load_image_tensor",
     "make_loader",
+    "pil_to_uint8",
     "read_image",
     "safe_name",
 ]
@@ -96,13 +98,13 @@ def _check_stats(mean: Sequence[float] | None, std: Sequence[float] | None) -> N
 def _open(
     path: str | Path,
     what: str,
-    draft: int | None = None,
     max_pixels: int = MAX_PIXELS,
     hint: str = _SKIP_HINT,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Fully decode `path` upright (EXIF orientation applied) so corrupt files fail here.
 
-    Returns the image and its upright full size (before any JPEG draft downscale).
+    Returns the image and its upright full size. No JPEG draft downscale: the API and the
+    exported model see the same pixels.
     """
     if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
         # data.max_pixels asks for more than PIL allows: let PIL open them, our check still holds
@@ -118,8 +120,6 @@ def _open(
                 )
             if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
                 width, height = height, width  # stored sideways: a phone held upright
-            if draft is not None and img.format == "JPEG":
-                img.draft(None, (draft, draft))  # DCT-domain downscale: much faster decode
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
             return (img if what == "mask" else _to_rgb(img)), (width, height)
@@ -145,13 +145,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode, upright and converted as `read_image` does, as (H, W, 3) uint8."""
+    return torch.from_numpy(np.array(_to_rgb(ImageOps.exif_transpose(img))))
+
+
 def read_image(path: str | Path) -> Image.Image:
     """Decode an image as 8-bit RGB (grey, alpha, palette and 16-bit images included)."""
     return _open(path, "image")[0]
 
 
 class _Transform:
-    """Square resize, centre crop and normalisation shared by images and masks."""
+    """Images through hamacho.preprocess (the one implementation); masks through PIL NEAREST."""
 
     def __init__(
         self, config: DataConfig, mean: Sequence[float] | None, std: Sequence[float] | None
@@ -166,26 +171,26 @@ class _Transform:
         self.std = tuple(float(s) for s in std)
         self.size = config.image_size
         out = config.output_size
-        left = int(round((self.size - out) / 2))  # same offset as torchvision's center_crop
+        left = crop_offset(self.size, out)
         self.box = (left, left, left + out, left + out)
-        # (x / 255 - mean) / std folded into one multiply-add per channel. The maths runs in
-        # NumPy: torch's intra-op thread pool makes these tiny ops slow on a busy CPU.
-        mean_a, std_a = np.array(self.mean, np.float32), np.array(self.std, np.float32)
-        self._scale, self._shift = 1 / (255 * std_a), -mean_a / std_a
         self.out = out
+        self.preprocess = Preprocess(self.size, config.crop_size, self.mean, self.std)
 
     def _fit(self, img: Image.Image, resample: Image.Resampling) -> np.ndarray:
         if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), resample)  # PIL widens the filter: antialiased
+            img = img.resize((self.size, self.size), resample)
         if self.out != self.size:
             img = img.crop(self.box)
         return np.array(img)
 
     def image(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, S, S) float32 normalised."""
-        pixels = self._fit(img, Image.Resampling.BILINEAR)  # (S, S, 3) uint8
-        normalised = pixels.astype(np.float32) * self._scale + self._shift
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+        return self.pixels(pil_to_uint8(img))
+
+    def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB tensor -> (3, S, S) float32 normalised."""
+        with torch.no_grad():
+            return self.preprocess(pixels[None])[0]
 
     def mask(self, img: Image.Image) -> torch.Tensor:
         """Mask PIL image of any mode -> (1, S, S) float32 in {0, 1}; non-zero is defect."""
@@ -256,7 +261,7 @@ class ImageDataset(Dataset):
 
     def _load(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         limit = self.config.max_pixels
-        image, size = _open(sample.path, "image", self._transform.size, limit, self._hint)
+        image, size = _open(sample.path, "image", limit, self._hint)
         if sample.mask is None:
             return self._transform.image(image), self._transform.empty_mask()
         mask, mask_size = _open(sample.mask, "mask", max_pixels=limit, hint=self._hint)
@@ -345,7 +350,7 @@ def load_image_tensor(
 ) -> torch.Tensor:
     """Load one image exactly as ImageDataset does: (3, S, S) float32 normalised."""
     transform = _Transform(config, mean, std)
-    image = _open(path, "image", transform.size, config.max_pixels, hint=_FIX_HINT)[0]
+    image = _open(path, "image", config.max_pixels, hint=_FIX_HINT)[0]
     return transform.image(image)
 
 

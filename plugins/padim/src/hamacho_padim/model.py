@@ -317,6 +317,12 @@ class Padim(Model):
             maps = rows @ patch @ cols  # (H, h) @ (B, h, w) @ (w, W) -> (B, H, W)
         return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
 
+    def export_module(self) -> torch.nn.Module:
+        """hamacho's export hook: normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w))."""
+        from hamacho_padim.export import PadimGraph
+
+        return PadimGraph(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.mean is None or self.precision is None or self.grid is None:
             raise ConfigError("PaDiM has not been fitted: call fit before state_dict")

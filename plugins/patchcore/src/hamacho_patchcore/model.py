@@ -211,6 +211,12 @@ class PatchCore(Model):
         maps = self.anomaly_map(patch_scores.reshape(b, *grid), tuple(images.shape[-2:]))
         return Prediction(scores=scores, maps=maps)
 
+    def export_module(self) -> torch.nn.Module:
+        """hamacho's export hook: normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w))."""
+        from hamacho_patchcore.export import PatchCoreGraph
+
+        return PatchCoreGraph(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.bank is None:
             raise ConfigError("PatchCore has not been fitted; call fit before saving")

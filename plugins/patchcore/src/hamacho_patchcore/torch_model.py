@@ -84,11 +84,11 @@ class PatchEmbedder(nn.Module):
         """
         b = images.shape[0]
         step = self.chunk if 0 < self.chunk < b else b
+        if step == b:  # before the loop: with chunk=0 an export sees no loop over a dynamic batch
+            return self._embed(images)
         out: torch.Tensor | None = None
         for start in range(0, b, step):
             emb, grid = self._embed(images[start : start + step])
-            if step == b:
-                return emb, grid
             if out is None:
                 out = emb.new_empty((b, *emb.shape[1:]))
             out[start : start + len(emb)] = emb

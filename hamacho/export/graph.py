@@ -1,0 +1,74 @@
+"""The exported inference graph: decoded uint8 image in, score and anomaly map out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+import hamacho
+from hamacho.errors import UsageError
+from hamacho.preprocess import Preprocess
+from hamacho.runtime import Run
+
+
+class InferenceGraph(nn.Module):
+    """(N, H, W, 3) uint8 RGB -> score (N,), map (N, c, c): Preprocess, then the model's hook."""
+
+    def __init__(self, preprocess: Preprocess, core: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.core = core
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score a batch of decoded images of one size."""
+        scores, maps = self.core(self.preprocess(image))
+        return scores.to(torch.float32), maps.to(torch.float32)
+
+
+def run_preprocess(run: Run) -> Preprocess:
+    """The run's preprocessing module (its image/crop size and normalisation)."""
+    data = run.config.data
+    return Preprocess(data.image_size, data.crop_size, run.mean, run.std)
+
+
+def build_graph(run: Run) -> InferenceGraph:
+    """The run's model wrapped for export; UsageError when the model has no export hook."""
+    name = run.metadata.get("model", type(run.model).__name__)
+    hook = getattr(run.model, "export_module", None)
+    if hook is None:
+        raise UsageError(
+            f"model {name!r} does not support export (its plugin has no export_module hook); "
+            "score it with `hamacho predict --runtime torch`"
+        )
+    if run.tiler is not None:
+        raise UsageError(
+            f"run '{run.path}' tiles its images (tiler.tile_size set), which export does not "
+            "support yet; train without tiling to export"
+        )
+    return InferenceGraph(run_preprocess(run), hook()).eval()
+
+
+def metadata(run: Run) -> dict[str, str]:
+    """String metadata stored in every exported file (onnx metadata_props, OpenVINO rt_info)."""
+    threshold = run.threshold
+    return {
+        "model": str(run.metadata.get("model", "")),
+        "threshold": "" if threshold is None else repr(float(threshold)),
+        "hamacho_version": hamacho.__version__,
+        "trained_with_hamacho": str(run.metadata.get("hamacho_version", "")),
+        "config": json.dumps(run.config.to_dict(), sort_keys=True),
+        "normalization": json.dumps(run.metadata.get("normalization", {})),
+        "outputs": "score (N,) float32; map (N, c, c) float32 at the centre-crop size",
+    }
+
+
+def parse_metadata(props: dict[str, str]) -> dict[str, Any]:
+    """``metadata`` read back: threshold float | None, config dict, the rest as strings."""
+    out: dict[str, Any] = dict(props)
+    out["threshold"] = float(props["threshold"]) if props.get("threshold") else None
+    out["config"] = json.loads(props.get("config", "{}"))
+    out["normalization"] = json.loads(props.get("normalization", "{}"))
+    return out

@@ -1,0 +1,150 @@
+"""Score decoded images with a run (torch) or its exported file (onnxruntime, OpenVINO)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hamacho.errors import ArtifactError, ConfigError
+from hamacho.export.graph import parse_metadata, run_preprocess
+from hamacho.export.writers import require
+from hamacho.preprocess import Preprocess
+
+RUNTIMES = ("torch", "onnx", "openvino")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
+
+
+class Backend:
+    """Scores lists of (H, W, 3) uint8 tensors; maps come back at the crop size (c, c)."""
+
+    model: str
+    threshold: float | None
+    config: dict[str, Any]
+    preprocess: Preprocess
+
+    def score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (N,) and maps (N, c, c) float32 for decoded images of any sizes."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """A run directory scored by its torch model, through the engine's predict_batch."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        from hamacho import engine
+
+        self.run = engine.load_run(run_dir)
+        self.model = str(self.run.metadata.get("model", ""))
+        self.threshold = self.run.threshold
+        self.config = self.run.config.to_dict()
+        self.preprocess = run_preprocess(self.run)
+
+    def score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        from hamacho.runtime import predict_batch
+
+        with torch.no_grad():  # images of different sizes: each preprocessed on its own
+            batch = torch.cat([self.preprocess(image[None]) for image in images])
+        pred = predict_batch(self.run.model, batch, self.run.tiler)
+        return pred.scores.float().cpu().numpy(), pred.maps.float().cpu().numpy()
+
+
+class _ExportedBackend(Backend):
+    """Common part of the exported-file backends: metadata and same-size grouping."""
+
+    def _setup(self, props: dict[str, str], path: Path) -> None:
+        if "config" not in props or "normalization" not in props:
+            raise ArtifactError(f"'{path}' has no hamacho metadata: export it with hamacho export")
+        meta = parse_metadata(props)
+        self.path, self.model, self.threshold = path, meta["model"], meta["threshold"]
+        self.config = meta["config"]
+        data, norm = self.config["data"], meta["normalization"]
+        self.preprocess = Preprocess(
+            data["image_size"], data["crop_size"], norm["mean"], norm["std"]
+        )
+
+    def score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[tuple(image.shape)].append(i)  # one call per image size: (n, H, W, 3)
+        c = self.preprocess.crop_size
+        scores = np.empty(len(images), np.float32)
+        maps = np.empty((len(images), c, c), np.float32)
+        for index in groups.values():
+            batch = np.stack([images[i].numpy() for i in index])
+            scores[index], maps[index] = self._run(batch)
+        return scores, maps
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class OnnxBackend(_ExportedBackend):
+    """An exported .onnx file run by onnxruntime on the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        ort = require("onnxruntime")
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._setup(self.session.get_modelmeta().custom_metadata_map, path)
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, amap = self.session.run(["score", "map"], {"image": batch})
+        return score, amap
+
+
+class OpenVinoBackend(_ExportedBackend):
+    """An exported OpenVINO IR (.xml + .bin) compiled for the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        ov = require("openvino")
+        model = ov.Core().read_model(str(path))
+        info = model.get_rt_info()
+        props = {}
+        if "hamacho" in info:
+            props = {k: v.astype(str) for k, v in info["hamacho"].items()}
+        self._setup(props, path)
+        # f32 inference: the CPU plugin would otherwise pick bf16/f16 where the CPU has them
+        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.compiled([batch])
+        return out[self.compiled.output("score")], out[self.compiled.output("map")]
+
+
+def exported_path(source: str | Path, runtime: str) -> Path:
+    """The exported file of ``runtime`` for a run directory or a file path."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"model{SUFFIX[runtime]}"
+    if not path.exists():
+        run = path.parent
+        raise ArtifactError(
+            f"no exported model at '{path}'. Export it first: hamacho export --run {run} "
+            f"--format {runtime}"
+        )
+    return path
+
+
+def infer_runtime(source: str | Path) -> str:
+    """The runtime a source implies: .onnx -> onnx, .xml -> openvino, anything else torch."""
+    suffix = Path(source).suffix.lower()
+    return {".onnx": "onnx", ".xml": "openvino"}.get(suffix, "torch")
+
+
+def open_backend(source: str | Path, runtime: str | None = None) -> Backend:
+    """A backend for a run directory or exported file (runtime None: from the file suffix)."""
+    runtime = runtime or infer_runtime(source)
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}. Valid: {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        if infer_runtime(source) != "torch":
+            raise ConfigError(
+                f"'{source}' is an exported file; load it with runtime="
+                f"{infer_runtime(source)!r}, or pass the run directory for torch"
+            )
+        return TorchBackend(source)
+    path = exported_path(source, runtime)
+    return OnnxBackend(path) if runtime == "onnx" else OpenVinoBackend(path)
