@@ -43,7 +43,7 @@ class Detector:
 
     @property
     def model(self) -> str:
-        """The model's registered name, e.g. ``patchcore``."""
+        """The model's registered name, as ``hamacho models`` lists it."""
         return self.backend.model
 
     @property
