@@ -52,3 +52,7 @@ class ArtifactError(HamachoError):
 
 class ResourceError(HamachoError):
     """A step would need more memory than the machine has."""
+
+
+class OutputError(HamachoError):
+    """A run folder or output file cannot be written (bad path, read-only, disk full, locked)."""
