@@ -49,7 +49,7 @@ def check_output(path: str | os.PathLike) -> Path:
 
 def check_folder(path: str | os.PathLike, what: str, fix: str) -> Path:
     """Create folder ``path`` and prove it writable, or raise one OutputError line."""
-    folder = _not_a_file(path, "folder")
+    folder = _not_a_file(path, f"{what} folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = _sibling(folder / "probe", "tmp")

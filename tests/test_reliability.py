@@ -189,6 +189,15 @@ def test_predict_maps_on_read_only_fs_is_one_line(trained, tiny_mvtec, tmpfs):
     assert result.stdout == ""
 
 
+def test_predict_maps_under_a_file_is_one_line(trained, tiny_mvtec, tmp_path):
+    blocker = tmp_path / "taken.txt"
+    blocker.write_text("keep me")
+    image = next((tiny_mvtec / "test" / "good").iterdir())
+    result = run("predict", "--run", str(trained), str(image), "--maps", str(blocker / "maps"))
+    assert result.exit_code == 1
+    assert f"is under '{blocker}', which is a file" in _one_line_error(result)
+
+
 def test_test_with_disk_full_keeps_the_old_results(trained, tmpfs):
     used = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file())
     folder = tmpfs("full", f"{used // 1024 + 64}k")  # room for the run, not for 10 heat maps
@@ -247,6 +256,25 @@ def test_test_results_are_replaced_as_a_set(old_run):
     assert not _leftovers(old_run)
     assert run("test", "--run", str(old_run), "--no-maps").exit_code == 0
     assert not (old_run / "maps").exists()  # no maps beside results that have none
+
+
+def test_without_renameat2_the_two_rename_swap_and_its_recovery(old_run, monkeypatch):
+    from hamacho import rundir
+
+    monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)  # as on macOS
+    with rundir.locked(old_run, "the run", "fix"), rundir.new_run(old_run, "fix") as staging:
+        shutil.copy2(old_run / "model.safetensors", staging / "model.safetensors")
+        (staging / "config.yaml").write_text((old_run / "config.yaml").read_text())
+        (staging / "train.json").write_text((old_run / "train.json").read_text())
+    assert not (old_run / "metrics.json").exists() and not _leftovers(old_run)
+    _consistent(old_run)
+    # killed between the two renames: the run is at .NAME.old-*, a half staging folder beside it
+    backup = old_run.parent / f".{old_run.name}.old-123-abcdef01"
+    old_run.rename(backup)
+    (old_run.parent / f".{old_run.name}.tmp-123-abcdef01").mkdir()
+    rundir.recover(old_run)
+    _consistent(old_run)
+    assert not _leftovers(old_run)
 
 
 # -- 5. one writer at a time -------------------------------------------------------------------
