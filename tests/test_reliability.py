@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -80,7 +81,7 @@ def old_run(trained, tmp_path):
 @pytest.fixture(scope="module")
 def big_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("big") / "part"
-    return make_synthetic_dataset(root, n_train=24, n_test_good=2, n_test_defect=2, size=128)
+    return make_synthetic_dataset(root, n_train=24, n_test_good=10, n_test_defect=10, size=128)
 
 
 @pytest.fixture
@@ -372,6 +373,24 @@ def _fresh(run_dir: Path, since_ns: int) -> set[str]:
     return names
 
 
+def _kill_when(process: _Hamacho, condition, seconds: float) -> bool:
+    """SIGSTOP ``process`` the moment ``condition()`` holds (or after ``seconds``), then SIGKILL."""
+    deadline = time.monotonic() + seconds
+    hit = False
+    try:
+        while process.proc.poll() is None and time.monotonic() < deadline:
+            if condition():
+                os.kill(process.proc.pid, signal.SIGSTOP)  # freeze exactly here
+                hit = True
+                break
+            time.sleep(0.0005)
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+        process.finish()
+    return hit
+
+
 KILL_POINTS = {
     "fit": lambda seen: False,  # 1 s after the fit started
     "save": lambda seen: "saving" in seen,
@@ -387,27 +406,61 @@ def test_sigkill_leaves_the_old_or_the_new_run(old_run, big_data, point):
     old = _consistent(old_run)
     since = time.time_ns()
     train = _train(big_data, old_run, BIG)
-    hit = False
-    try:
-        assert train.wait_for("training patchcore"), train.lines
-        deadline = time.monotonic() + (1.0 if point == "fit" else 300)
-        while train.proc.poll() is None and time.monotonic() < deadline:
-            if KILL_POINTS[point](_fresh(old_run, since)):
-                os.kill(train.proc.pid, signal.SIGSTOP)  # freeze exactly here, then kill
-                hit = True
-                break
-            time.sleep(0.0005)
-        seen = _fresh(old_run, since)
-    finally:
-        if train.proc.poll() is None:
-            train.proc.kill()
-        train.finish()
+    assert train.wait_for("training patchcore"), train.lines
+    seconds = 1.0 if point == "fit" else 300
+    hit = _kill_when(train, lambda: KILL_POINTS[point](_fresh(old_run, since)), seconds)
+    seen = _fresh(old_run, since)
     print(f"kill point {point}: hit={hit} (exit {train.proc.returncode}), written {sorted(seen)}")
     now = _consistent(old_run)
     if now["dataset"] == old["dataset"]:  # the old run, whole
         assert now == old and (old_run / "metrics.json").exists()
     else:  # the new run, whole, without the old model's results
         assert now["dataset"] == str(big_data) and not (old_run / "metrics.json").exists()
+
+
+def _results(run_dir: Path, since_ns: int) -> set[str]:
+    """Which test results this test has written so far ("staged": its own folder exists)."""
+    names = set() if (run_dir / "metrics.json").exists() else {"no_metrics"}
+    for folder in [run_dir, *run_dir.glob(".results.tmp-*")]:
+        if folder != run_dir:
+            names.add("staged")
+        for name in ("metrics.json", "scores.csv", "report.html", "maps"):
+            try:
+                if (folder / name).stat().st_mtime_ns > since_ns:
+                    names.add(name)
+            except OSError:
+                pass
+    return names
+
+
+RESULT_KILL_POINTS = {
+    "writing": lambda seen: "staged" in seen or "metrics.json" in seen,
+    # moving in (metrics.json gone until the rest is in); written in place: metrics but no report
+    "moving": lambda seen: (
+        {"staged", "no_metrics"} <= seen
+        or ("maps" in seen and "report.html" not in seen and "staged" not in seen)
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(RESULT_KILL_POINTS))
+def test_sigkill_during_test_leaves_whole_results_or_none(old_run, big_data, point):
+    since = time.time_ns()
+    tester = _Hamacho("test", "--run", str(old_run), "--data", str(big_data))
+    hit = _kill_when(tester, lambda: RESULT_KILL_POINTS[point](_results(old_run, since)), 300)
+    seen = _results(old_run, since)
+    print(
+        f"test kill point {point}: hit={hit} (exit {tester.proc.returncode}), seen {sorted(seen)}"
+    )
+    _consistent(old_run)
+    if (old_run / "metrics.json").exists():  # then the results beside it are one whole set
+        metrics = json.loads((old_run / "metrics.json").read_text())
+        rows = list(csv.DictReader((old_run / "scores.csv").open()))
+        assert len(rows) == sum(metrics["images"].values())
+        drawn = len(rows) if metrics["dataset"] == str(big_data) else 0  # the old test: --no-maps
+        assert len(list(old_run.glob("maps/*/*.png"))) == drawn
+        assert (old_run / "report.html").exists()
 
 
 @pytest.mark.slow
