@@ -156,6 +156,20 @@ def test_output_file_fails_before_fit(tiny_mvtec, tmp_path, where):
     assert blocker.read_text() == "keep me"
 
 
+def test_output_that_cannot_be_replaced_whole_fails_before_fit(
+    tiny_mvtec, tmp_path, tmpfs, monkeypatch
+):
+    mount = tmpfs("mnt", "1m")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out, says in ((mount, "is a mount point"), (Path("."), "is the current folder")):
+        result = run("train", "-m", "patchcore", "--data", str(tiny_mvtec), "-o", str(out))
+        assert result.exit_code == 1
+        line = _one_line_error(result)
+        assert f"output '{out}' {says}" in line and "Choose" in line
+        assert "training" not in result.stderr
+
+
 def test_train_on_read_only_fs_fails_before_fit(tiny_mvtec, tmpfs):
     folder = tmpfs("ro", "1m")
     _remount_ro(folder)
