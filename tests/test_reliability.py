@@ -338,7 +338,7 @@ class _Hamacho:
         while time.monotonic() < deadline and self.proc.poll() is None:
             if any(text in line for line in self.lines):
                 return True
-            time.sleep(0.01)
+            time.sleep(0.001)
         return any(text in line for line in self.lines)
 
     def finish(self, timeout: float = 300) -> int:
@@ -483,8 +483,10 @@ def test_sigint_exits_130_with_one_line_and_keeps_the_old_run(old_run, big_data)
     before = _snapshot(old_run)
     train = _train(big_data, old_run, BIG)
     assert train.wait_for("training patchcore"), train.lines
-    time.sleep(1.0)  # into the fit
+    # Ctrl-C in the fit whatever the machine's load: frozen, signalled, resumed into the handler
+    os.kill(train.proc.pid, signal.SIGSTOP)
     train.proc.send_signal(signal.SIGINT)
+    os.kill(train.proc.pid, signal.SIGCONT)
     assert train.finish() == 130, train.lines
     assert (
         train.lines[-1] == "error: interrupted (Ctrl-C); run folders keep their last complete state"
