@@ -316,13 +316,22 @@ def test_locked_run_refuses_train_and_test_naming_the_holder(old_run, tiny_mvtec
             assert f"another hamacho process (pid {os.getpid()}" in line
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C's default action in the child: a background pytest may run with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Hamacho:
     """A real ``hamacho`` subprocess; its stderr lines are collected as they come."""
 
     def __init__(self, *args: str) -> None:
         argv = [sys.executable, "-m", "hamacho", *args]
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_as_in_a_terminal,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
