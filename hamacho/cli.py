@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,6 +26,24 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if ctx.meta.get("hamacho.debug"):
+                raise
+            message = "interrupted (Ctrl-C); run folders keep their last complete state"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            # a write no check foresaw (e.g. the disk fills while predict writes its maps)
+            if ctx.meta.get("hamacho.debug") or exc.errno not in _WRITE_ERRORS:
+                raise
+            from hamacho.rundir import cannot
+
+            message = cannot("output", Path(exc.filename or "."), exc, "Choose a writable folder")
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class _EchoHandler(logging.Handler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,8 +57,15 @@ class ThresholdConfig:
 class RunConfig:
     """Where and how a run executes."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ConfigError for a device name torch would not parse (availability: engine)."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"run.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
 
 
 @dataclass
@@ -124,10 +132,19 @@ def from_dict(model_config_cls: type, data: dict[str, Any]) -> Config:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML override file: a mapping of sections to mappings."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder. Pass a YAML file with --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM is fine
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}). Save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

@@ -18,6 +18,7 @@ import yaml
 
 import hamacho
 from hamacho import config as config_mod
+from hamacho import rundir
 from hamacho.components import artifact, data, metrics, synthetic, visualize
 from hamacho.components.features import NetworkFeatureAggregator
 from hamacho.components.maps import AnomalyMapGenerator
@@ -48,6 +49,8 @@ from hamacho.runtime import (
 )
 
 ARTIFACT = "model.safetensors"
+_TRAIN_FIX = "Choose a writable --output folder"
+_TEST_FIX = "Copy the run folder somewhere writable (`hamacho predict` writes nothing into it)"
 Echo = Callable[[str], None]
 
 
@@ -57,10 +60,22 @@ def _quiet(_: str) -> None:
 
 # -- set-up ----------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when present, else cpu."""
+    """``auto`` -> cuda when present, else cpu; a device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)  # the spelling is checked when the config resolves
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"run.device={name}, but this machine has {count or 'no'} CUDA device"
+                f"{'' if count == 1 else 's'}. Set run.device=auto or run.device=cpu"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "run.device=mps, but MPS is not available here. Set run.device=auto or run.device=cpu"
+        )
+    return device
 
 
 def make_components(cfg: Config) -> Components:
@@ -133,11 +148,28 @@ def train(
     progress: bool = False,
     echo: Echo = _quiet,
 ) -> Path:
-    """Fit ``model`` on the good training images of ``data_dir`` and write a run directory."""
+    """Fit ``model`` on the good training images of ``data_dir`` and write a run directory.
+
+    The run folder is replaced as a whole (hamacho.rundir): after a crash or an error it holds
+    the complete old run or the complete new one, never a mix.
+    """
     entry = get_registry().get(model)
     cfg = build_config(entry.cls, config_file, overrides)
     torch.manual_seed(cfg.run.seed)
     root = Path(data_dir) if data_dir else synthetic.default_dataset()
+    shown = Path(output) if output else Path("results") / model / root.name
+    run_dir = rundir.check_output(shown)  # a file in the way fails now, not after the fit
+    with rundir.locked(run_dir, "the run", _TRAIN_FIX):  # a second train here fails now
+        fit_seconds = _fit_and_save(entry, cfg, root, run_dir, progress, echo)
+    echo(f"fit in {fit_seconds:.1f} s; run saved to {shown}")
+    return shown
+
+
+def _fit_and_save(
+    entry: ModelEntry, cfg: Config, root: Path, run_dir: Path, progress: bool, echo: Echo
+) -> float:
+    """Fit on ``root``'s good training images; write the run into ``run_dir`` in one commit."""
+    model = entry.name
     samples = data.find_samples(root, "train", skip_bad=cfg.data.skip_bad)
     loo = _leave_one_out(entry.cls, cfg)
     fit_samples, held_out = _split_holdout(samples, 0.0 if loo else cfg.threshold.holdout, cfg)
@@ -153,8 +185,6 @@ def train(
         threshold = _loo_threshold(net, loader, cfg, tiler, progress)
     else:
         threshold = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
-    run_dir = Path(output) if output else Path("results") / model / root.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     info = net.info()
     metadata = {
         "model": model,
@@ -167,8 +197,6 @@ def train(
         "info": info,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    artifact.save_artifact(run_dir / ARTIFACT, net.state_dict(), metadata)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     summary = {
         "model": model,
         "dataset": str(root),
@@ -180,9 +208,11 @@ def train(
         "threshold": threshold,
         **info,
     }
-    write_json(run_dir / "train.json", summary)
-    echo(f"fit in {fit_seconds:.1f} s; run saved to {run_dir}")
-    return run_dir
+    with rundir.new_run(run_dir, _TRAIN_FIX) as staging:
+        artifact.save_artifact(staging / ARTIFACT, net.state_dict(), metadata)
+        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json(staging / "train.json", summary)
+    return fit_seconds
 
 
 def _leave_one_out(cls: type[Model], cfg: Config) -> bool:
@@ -284,8 +314,34 @@ def test(
     progress: bool = False,
     echo: Echo = _quiet,
 ) -> dict[str, Any]:
-    """Evaluate a run on its test split; write metrics.json, scores.csv, maps/ and report.html."""
-    run = load_run(run_dir)
+    """Evaluate a run on its test split; write metrics.json, scores.csv, maps/ and report.html.
+
+    The files are written aside and moved in with metrics.json last (hamacho.rundir): after a
+    crash, a metrics.json in the run means the results beside it are complete.
+    """
+    path = Path(run_dir)
+    if not path.exists():
+        load_run(path)  # raises the one-line "no trained model" error
+    folder = (path if path.is_dir() else path.parent).resolve()
+    with rundir.locked(folder, "test results", _TEST_FIX):  # no train swaps the run meanwhile
+        run = load_run(path)
+        result = _test_run(run, folder, data_dir, write_maps, progress, echo)
+    echo(
+        "image AUROC {image_auroc}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
+        "ms/image); report: {report}".format(**result, report=run.path / "report.html")
+    )
+    return result
+
+
+def _test_run(
+    run: Run,
+    folder: Path,
+    data_dir: str | Path | None,
+    write_maps: bool,
+    progress: bool,
+    echo: Echo,
+) -> dict[str, Any]:
+    """Score the test split; write the results into ``folder`` in one commit."""
     root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
     # Without --data the folder comes from the run's metadata: say which one is read.
     echo(f"testing on {root}" + ("" if data_dir else " (recorded at training; --data overrides)"))
@@ -305,14 +361,9 @@ def test(
     score = torch.cat(scores).numpy()
     amap = torch.cat(maps).numpy()
     mask = torch.cat(masks).numpy()
-    result = evaluate(
-        run, root, samples, score, amap, mask, seconds, images if write_maps else None
-    )
-    echo(
-        "image AUROC {image_auroc}  pixel AUROC {pixel_auroc}  ({inference_ms_per_image} "
-        "ms/image); report: {report}".format(**result, report=run.path / "report.html")
-    )
-    return result
+    with rundir.new_results(folder, _TEST_FIX) as staging:
+        drawn = images if write_maps else None
+        return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
 
 
 # -- predict ---------------------------------------------------------------------------------
@@ -346,8 +397,11 @@ def predict(
     """
     from hamacho.export.runtimes import open_backend
 
+    if maps_dir:
+        rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
     backend = open_backend(run_dir, runtime)
     limit = backend.threshold if threshold is None else threshold
+    max_pixels = backend.config["data"].get("max_pixels", data.MAX_PIXELS)
     pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images
     used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
 
@@ -373,7 +427,7 @@ def predict(
             yield {"path": item, "error": _nothing_found(item)}
             continue
         try:
-            tensor = data.pil_to_uint8(data.read_image(path))
+            tensor = data.pil_to_uint8(data.read_image(path, max_pixels))
         except DataError as exc:
             yield {"path": str(path), "error": str(exc)}
             continue

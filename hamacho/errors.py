@@ -60,3 +60,7 @@ def one_line(exc: BaseException) -> str:
         if line.strip():
             return " ".join(line.split())
     return type(exc).__name__
+
+
+class OutputError(HamachoError):
+    """A run folder or output file cannot be written (bad path, read-only, disk full, locked)."""

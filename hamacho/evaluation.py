@@ -22,12 +22,15 @@ def evaluate(
     mask: np.ndarray,
     seconds: float,
     images: list[np.ndarray] | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Score one test pass; write metrics.json, scores.csv, maps/ (given images), report.html.
 
     ``score`` is (N,), ``amap`` and ``mask`` (N, H, W) in ``samples`` order; ``seconds`` is the
     time spent predicting; ``images`` are the (H, W, 3) uint8 inputs the heat-map panels show.
+    The files go to ``out`` (default: the run folder; the engine passes a staging folder).
     """
+    out = run.path if out is None else out
     labels = np.array([s.label for s in samples])
     known = np.array([s.label == 0 or s.mask is not None for s in samples])
     result = _metrics(labels, score, mask[known], amap[known])
@@ -41,17 +44,17 @@ def evaluate(
         peak_rss_mb=round(peak_rss_mb(), 1),
         dataset=str(root),
     )
-    write_json(run.path / "metrics.json", result)
-    _write_scores(run.path / "scores.csv", samples, score, threshold)
+    write_json(out / "metrics.json", result)
+    _write_scores(out / "scores.csv", samples, score, threshold)
     panels: list[Path | None] = [None] * len(samples)
     if images is not None:
-        panels = _write_maps(run.path / "maps", samples, images, amap, mask, threshold)
+        panels = _write_maps(out / "maps", samples, images, amap, mask, threshold)
     scored = [
         report.ScoredImage(s.path, s.label, s.defect, float(v), p)
         for s, v, p in zip(samples, score, panels, strict=True)
     ]
     title = f"{run.metadata.get('model', '?')} on {root.name}"
-    report.write_report(run.path / "report.html", result, scored, title, run.metadata)
+    report.write_report(out / "report.html", result, scored, title, run.metadata)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,7 +65,8 @@ def save_artifact(
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. EROFS: must not bury the error below
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, ValueError, RuntimeError, SafetensorError)):
             raise ArtifactError(
                 f"cannot save '{path}': {one_line(exc)}. Check the folder is writable and has "

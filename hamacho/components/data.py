@@ -150,9 +150,12 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(_to_rgb(ImageOps.exif_transpose(img))))
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, alpha, palette and 16-bit images included)."""
-    return _open(path, "image")[0]
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image upright as 8-bit RGB (grey, alpha, palette and 16-bit images included).
+
+    For inference (predict, the API): a bad file's error says to replace it, no data.skip_bad.
+    """
+    return _open(path, "image", max_pixels, hint=_FIX_HINT)[0]
 
 
 class _Transform:
