@@ -372,6 +372,20 @@ def test_save_load_predict_is_identical(fitted, tmp_path):
     assert torch.equal(after.scores, before.scores) and torch.equal(after.maps, before.maps)
 
 
+def test_orthogonal_projection_is_saved_and_restored(tmp_path):
+    model = _tiny(selection="orthogonal", seed=5)
+    model.fit(_random_batches(10))
+    images = next(_random_batches(4, seed=1))["image"]
+    artifact.save_artifact(tmp_path / "m.safetensors", model.state_dict(), {"model": "padim"})
+    tensors, _ = artifact.load_artifact(tmp_path / "m.safetensors")
+    again = _tiny(seed=9)  # a random subset until the file says otherwise
+    again.load_state_dict(tensors)
+    assert again.selection == "orthogonal" and torch.equal(again.projection, model.projection)
+    assert torch.equal(again.predict(images).scores, model.predict(images).scores)
+    with pytest.raises(ArtifactError, match="shapes disagree"):
+        again.load_state_dict({**tensors, "projection": tensors["projection"][:, :8]})
+
+
 def test_defects_score_higher_than_good_with_imagenet_lite0(fitted):
     model, _, test = fitted
     pred = model.predict(test["image"])

@@ -289,8 +289,10 @@ class Padim(Model):
     def training_scores(self, train_loader: Iterable[dict[str, Any]]) -> torch.Tensor | None:
         """Image scores (N,) of the fitted images, each under the Gaussians fitted without it.
 
-        Exact leave-one-out (see ``gaussian.loo_mahalanobis``), then predict's map and max. With
-        tiling each tile is one fitted sample, so a tile is left out, not its whole image.
+        Exact leave-one-out of the fitted Gaussians (see ``gaussian.loo_mahalanobis``), then
+        predict's map and max. The features stay those the fit chose (selection variance ranks
+        them on every image, the image itself included). With tiling each tile is one fitted
+        sample, so a tile is left out, not its whole image.
         """
         if self.mean is None or self.precision is None or self.n_train == 0:
             raise ConfigError("PaDiM.training_scores called before fit")
@@ -353,7 +355,10 @@ class Padim(Model):
         device = self.components.device
         self.mean, self.precision = mean.to(device), precision.to(device)
         self._set_channels(channels, projection)
-        self.selection = "orthogonal" if projection is not None else self.selection
+        if projection is not None or channels.numel() == total:
+            self.selection = "orthogonal" if projection is not None else "all"
+        elif self.config.selection not in ("random", "variance"):
+            self.selection = "random"  # auto with n_features
         self.grid = (grid[0], grid[1])
 
     def info(self) -> dict[str, Any]:
