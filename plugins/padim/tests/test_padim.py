@@ -173,6 +173,23 @@ def test_loo_mahalanobis_equals_each_refit_in_float64(n, eps):
             np.testing.assert_allclose(got[p, i], delta @ inv @ delta, rtol=1e-8)
 
 
+def test_loo_mahalanobis_with_fewer_samples_than_dims_from_float32_state():
+    rng = np.random.default_rng(1)
+    n, d, eps = 12, 40, 0.01  # as lite0's 176 channels on a dozen images: 1 - c q ~ 1e-4
+    x = rng.standard_normal((2, n, d)) * rng.uniform(1, 30, size=(2, 1, d))
+    mean = x.mean(1)
+    cov = np.stack([np.cov(x[p], rowvar=False) for p in range(2)]) + eps * np.eye(d)
+    state = [torch.from_numpy(v).float() for v in (x, mean, np.linalg.inv(cov), cov)]
+    got = gaussian.loo_mahalanobis(*state[:3], n, eps, covariance=state[3]).numpy()
+    for i in range(n):
+        rest = np.delete(x, i, axis=1)
+        for p in range(2):
+            inv = np.linalg.inv(np.cov(rest[p], rowvar=False) + eps * np.eye(d))
+            delta = x[p, i] - rest[p].mean(0)
+            # float32 S rounds at ~6e-8 of variances up to 900, against eps = 0.01 left over
+            np.testing.assert_allclose(got[p, i], delta @ inv @ delta, rtol=1e-2)
+
+
 @pytest.mark.parametrize("choice", ["random", "orthogonal"])
 def test_training_scores_equal_refitting_without_each_image(choice):
     images = torch.cat([b["image"] for b in _random_batches(10)])

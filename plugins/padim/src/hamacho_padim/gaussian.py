@@ -12,6 +12,7 @@ from hamacho.errors import ConfigError, DataError
 
 _BLOCK_BYTES = 64 << 20  # temporaries of one Mahalanobis / inverse block
 _LOO_TOL = 1e-12  # relative size of the last series term kept in leave-one-out distances
+_REFINE_STEPS = 3  # each gains ~cond(S) x float32 precision: 3 reach float64
 
 
 class GaussianAccumulator:
@@ -106,7 +107,12 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
 
 
 def loo_mahalanobis(
-    x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, n: int, regularization: float
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    precision: torch.Tensor,
+    n: int,
+    regularization: float,
+    covariance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared distances (P, B) of fitted samples x (P, B, d), each under the fit without it.
 
@@ -117,34 +123,42 @@ def loo_mahalanobis(
     and c = k / (n-2). Sherman-Morrison gives delta^T S'^-1 delta = q / (1 - c q) with
     q = delta^T A^-1 delta, so the distance is k^2 q / (1 - c q).
 
-    A is not stored but A = a (S - g I) with a = (n-1)/(n-2), g = eps/(n-1), so
-    A^-1 = (1/a) sum_j g^j P^(j+1) (P = S^-1). P <= I / eps makes g P <= I / (n-1): the series
-    shrinks at least (n-1)-fold per term and is summed to float64 precision, with no second
-    (P, d, d) matrix. All of it runs in float64 per block of positions.
+    A = a (S - g I) with a = (n-1)/(n-2), g = eps/(n-1), so A^-1 = (1/a) sum_j g^j P^(j+1)
+    (P = S^-1); P <= I / eps makes g P <= I / (n-1), so the series shrinks (n-1)-fold per term.
+    With fewer samples than dimensions, 1 - c q is as small as eps / S in the sample's own
+    direction, which the float32 precision cannot resolve; given ``covariance`` (S, float32),
+    A^-1 delta is refined against A itself. Everything runs in float64 per block of positions.
     """
     if n < 3:
         raise DataError(f"leave-one-out needs at least 3 fitted samples, got {n}")
     positions, batch, d = x.shape
     k, a, g = n / (n - 1), (n - 1) / (n - 2), regularization / (n - 1)
     c = k / (n - 2)
-    block = max(1, _BLOCK_BYTES // (8 * (3 * batch * d + d * d)))
+    block = max(1, _BLOCK_BYTES // (8 * (5 * batch * d + 2 * d * d)))
     out = torch.empty(positions, batch, dtype=torch.float64, device=x.device)
     for start in range(0, positions, block):
         part = slice(start, start + block)
         prec = precision[part].double()  # (p, d, d)
-        prev = x[part].double() - mean[part, None].double()  # (p, B, d): v_0 = delta
-        q = torch.zeros(prev.shape[:2], dtype=torch.float64, device=x.device)
-        power = 1.0  # g^j of the next term
-        while True:
-            cur = torch.bmm(prev, prec)  # v_m = P v_(m-1) (P symmetric)
-            # v_(m-1).v_m = delta^T P^(2m-1) delta and v_m.v_m = delta^T P^(2m) delta
-            odd, even = (prev * cur).sum(-1) * power, (cur * cur).sum(-1) * (power * g)
-            q += odd + even
-            power *= g * g
-            if g == 0 or bool((even <= _LOO_TOL * q).all()):
-                break
-            prev = cur
-        q /= a
+        delta = x[part].double() - mean[part, None].double()  # (p, B, d)
+        w = _series_solve(prec, delta, a, g)  # ~ A^-1 delta
+        if covariance is not None:
+            cov = covariance[part].double()
+            for _ in range(_REFINE_STEPS):  # iterative refinement: w += M (delta - A w)
+                residual = delta - a * (torch.bmm(w, cov) - g * w)
+                w += _series_solve(prec, residual, a, g)
+        q = (delta * w).sum(-1)
         # 1 - c q > 0 whenever S' is positive definite (eps > 0); clamp guards eps = 0
         out[part] = q * k * k / (1 - c * q).clamp(min=torch.finfo(torch.float64).tiny)
     return out
+
+
+def _series_solve(prec: torch.Tensor, v: torch.Tensor, a: float, g: float) -> torch.Tensor:
+    """A^-1 v (p, B, d) = (1/a) sum_j g^j P^(j+1) v, summed until a term is ~1e-12 of the sum."""
+    term = torch.bmm(v, prec)  # P symmetric: rows times P
+    total = term.clone()
+    while g:
+        term = torch.bmm(term, prec).mul_(g)
+        total += term
+        if bool((term.norm(dim=-1) <= _LOO_TOL * total.norm(dim=-1)).all()):
+            break
+    return total.div_(a)

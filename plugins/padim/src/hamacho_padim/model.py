@@ -134,6 +134,7 @@ class Padim(Model):
         self.precision: torch.Tensor | None = None  # (P, d, d): inverse covariance
         self.grid: tuple[int, int] | None = None  # (h, w), P = h * w
         self.n_train = 0
+        self._covariance: torch.Tensor | None = None  # (P, d, d) S, fit to training_scores only
         self._operators: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         # auto without n_features needs the grid to decide: every channel until fit knows it
         self._select("random" if config.selection == "auto" and config.n_features else "all")
@@ -254,8 +255,12 @@ class Padim(Model):
                 keep = top_variance(stats.scatter.diagonal(dim1=1, dim2=2), d)
                 stats.keep_(keep)
                 self._set_channels(self.channels[keep])
-            # covariance and inverse overwrite the scatter: one (P, d, d) tensor at any time
-            self.precision = invert_spd_(stats.covariance_(self.config.regularization))
+            cov = stats.covariance_(self.config.regularization)
+            # leave-one-out scores need S itself when n <= d (see loo_mahalanobis): a copy is
+            # kept until training_scores when it fits, else inverse overwrites the scatter
+            need = memory_needed(*cov.shape[:2])
+            self._covariance = cov.clone() if 2 * need <= available_memory() else None
+            self.precision = invert_spd_(cov)
         self.mean, self.n_train = stats.mean, stats.count
         log.info(
             "PaDiM: fitted %d positions x %d features (selection %s) on %d images",
@@ -306,9 +311,12 @@ class Padim(Model):
                 x = self._embed(images)  # (P, B, d)
                 self._check_grid(images, x)
                 reg = self.config.regularization
-                dist = loo_mahalanobis(x, self.mean, self.precision, self.n_train, reg)
+                dist = loo_mahalanobis(
+                    x, self.mean, self.precision, self.n_train, reg, self._covariance
+                )
                 maps = self._maps(dist.float(), (images.shape[-2], images.shape[-1]))
                 scores.append(maps.flatten(1).amax(dim=1))
+        self._covariance = None  # only the leave-one-out pass needs it
         return torch.cat(scores) if scores else torch.empty(0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
