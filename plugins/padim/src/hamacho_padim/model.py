@@ -137,9 +137,10 @@ class Padim(Model):
         self._covariance: torch.Tensor | None = None  # (P, d, d) S, fit to training_scores only
         self._operators: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         # auto without n_features needs the grid to decide: every channel until fit knows it
-        self._select("random" if config.selection == "auto" and config.n_features else "all")
-        if config.selection != "auto":
-            self._select(config.selection)
+        choice = config.selection
+        if choice == "auto":
+            choice = "random" if config.n_features else "all"
+        self._select(choice)
 
     def _select(self, selection: Selection) -> None:
         """Set the channels (and projection) the Gaussians model for a resolved selection."""
