@@ -37,18 +37,20 @@ FAST = [
 MODEL_FAST = {
     "patchcore": ["model.pretrain_embed_dim=64", "model.embedding_dim=32"],
     "padim": ["model.n_features=16"],
+    "padim-orthogonal": ["model.selection=orthogonal", "model.n_features=16"],  # a projection
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
-@pytest.fixture(scope="module", params=["patchcore", "padim"])
+@pytest.fixture(scope="module", params=list(MODEL_FAST))
 def exported(request, tiny_mvtec, tmp_path_factory):
     """(run directory, exported .onnx file) of a tiny run of each bundled model."""
-    name = request.param
-    out = tmp_path_factory.mktemp(f"export-{name}") / "run"
+    variant = request.param
+    name = variant.partition("-")[0]
+    out = tmp_path_factory.mktemp(f"export-{variant}") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HAMACHO_OFFLINE", "1")
-        run_dir = engine.train(name, tiny_mvtec, None, FAST + MODEL_FAST[name], out)
+        run_dir = engine.train(name, tiny_mvtec, None, FAST + MODEL_FAST[variant], out)
         done = CliRunner().invoke(main, ["export", "--run", str(run_dir), "--format", "onnx"])
     assert done.exit_code == 0, done.output
     return run_dir, Path(done.output.strip().splitlines()[-1])

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hamacho_padim import gaussian, selection
 from hamacho_padim import model as padim
 from hamacho_padim.model import GaussianAccumulator, Padim
 from threadpoolctl import threadpool_limits
 
 from hamacho import config as config_mod
+from hamacho import engine
 from hamacho.components import artifact, data, metrics
 from hamacho.components.synthetic import make_synthetic_dataset
 from hamacho.engine import make_components
 from hamacho.errors import ArtifactError, BackboneError, ConfigError, DataError, ResourceError
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"]}
+LAYERS = ["model.backbone=tf_efficientnet_lite0", "model.layers=[blocks.1, blocks.2, blocks.4]"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,7 +126,8 @@ def test_fit_matches_float64_reference_on_real_features(fitted):
     assert _rel(model.precision[::8].numpy(), precision).max() < 2e-3
     delta = query - mean[:, None]
     want = ((delta @ precision) * delta).sum(-1)
-    got = padim.mahalanobis(torch.from_numpy(query).float(), model.mean[::8], model.precision[::8])
+    query_t = torch.from_numpy(query).float()
+    got = gaussian.mahalanobis(query_t, model.mean[::8], model.precision[::8])
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-3)
 
 
@@ -138,7 +143,7 @@ def test_mahalanobis_and_maps_match_direct_formulas(fitted):
         x = model._embed(images)  # (P, 8, d)
     delta = x - model.mean[:, None]
     want = torch.einsum("pbd,pde,pbe->pb", delta, model.precision, delta)
-    got = padim.mahalanobis(x, model.mean, model.precision)
+    got = gaussian.mahalanobis(x, model.mean, model.precision)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     # the matmul form of the map equals the shared generator (bilinear + gaussian sigma 4)
     patch = want.clamp(min=0).sqrt().T.reshape(8, *model.grid)
@@ -146,6 +151,74 @@ def test_mahalanobis_and_maps_match_direct_formulas(fitted):
     direct = model.anomaly_map(patch, (128, 128))
     torch.testing.assert_close(pred.maps, direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pred.scores, pred.maps.flatten(1).amax(1))
+
+
+# -- leave-one-out ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "eps"), [(3, 0.01), (5, 0.01), (5, 1.0), (12, 0.3), (40, 0.01), (40, 0.0)]
+)
+def test_loo_mahalanobis_equals_each_refit_in_float64(n, eps):
+    rng = np.random.default_rng(n)
+    d = 8  # n = 3, 5 < d: the left-out sample spans a direction only eps regularises
+    x = rng.standard_normal((3, n, d)) * rng.uniform(0.1, 5, size=(3, 1, d)) + 7
+    mean = x.mean(1)
+    cov = np.stack([np.cov(x[p], rowvar=False) for p in range(3)])
+    precision = np.linalg.inv(cov + eps * np.eye(d))
+    got = gaussian.loo_mahalanobis(*map(torch.from_numpy, (x, mean, precision)), n, eps).numpy()
+    for i in range(n):
+        rest = np.delete(x, i, axis=1)  # refit without sample i: mean, cov / (n-2) + eps I
+        for p in range(3):
+            inv = np.linalg.inv(np.cov(rest[p], rowvar=False) + eps * np.eye(d))
+            delta = x[p, i] - rest[p].mean(0)
+            np.testing.assert_allclose(got[p, i], delta @ inv @ delta, rtol=1e-8)
+
+
+def test_loo_mahalanobis_with_fewer_samples_than_dims_from_float32_state():
+    rng = np.random.default_rng(1)
+    n, d, eps = 12, 40, 0.01  # as lite0's 176 channels on a dozen images: 1 - c q ~ 1e-4
+    x = rng.standard_normal((2, n, d)) * rng.uniform(1, 30, size=(2, 1, d))
+    mean = x.mean(1)
+    cov = np.stack([np.cov(x[p], rowvar=False) for p in range(2)]) + eps * np.eye(d)
+    state = [torch.from_numpy(v).float() for v in (x, mean, np.linalg.inv(cov), cov)]
+    got = gaussian.loo_mahalanobis(*state[:3], n, eps, covariance=state[3]).numpy()
+    for i in range(n):
+        rest = np.delete(x, i, axis=1)
+        for p in range(2):
+            inv = np.linalg.inv(np.cov(rest[p], rowvar=False) + eps * np.eye(d))
+            delta = x[p, i] - rest[p].mean(0)
+            # float32 S rounds at ~6e-8 of variances up to 900, against eps = 0.01 left over
+            np.testing.assert_allclose(got[p, i], delta @ inv @ delta, rtol=1e-2)
+
+
+@pytest.mark.parametrize("choice", ["random", "orthogonal"])
+def test_training_scores_equal_refitting_without_each_image(choice):
+    images = torch.cat([b["image"] for b in _random_batches(10)])
+    model = _tiny(selection=choice)
+    model.fit(_random_batches(10))
+    loo = model.training_scores({"image": images[i : i + 4]} for i in range(0, 10, 4))
+    brute, refit = [], _tiny(selection=choice)  # same seed: same channels / projection
+    for i in range(10):
+        refit.fit([{"image": torch.cat([images[:i], images[i + 1 :]])}])
+        brute.append(refit.predict(images[i : i + 1]).scores[0])
+    torch.testing.assert_close(loo, torch.stack(brute), rtol=1e-4, atol=0)
+    assert (loo > model.predict(images).scores).all()  # an image is far from a fit without it
+
+
+def test_training_scores_need_three_images():
+    model = _tiny()
+    model.fit(_random_batches(2))
+    assert model.training_scores(_random_batches(2)) is None
+    with pytest.raises(ConfigError, match="before fit"):
+        _tiny().training_scores(_random_batches(2))
+
+
+def test_train_sets_a_leave_one_out_threshold_without_holding_images_out(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "caps", n_train=6, n_test_good=1, n_test_defect=1)
+    sets = ["model.weights=none", "model.n_features=8", "data.image_size=32", "data.crop_size=null"]
+    run = engine.train("padim", root, overrides=[*sets, *LAYERS], output=tmp_path / "run")
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["holdout_images"] == 0 and summary["train_images"] == 6
+    assert "leave-one-out" in summary["threshold"]["source"]
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -199,17 +272,26 @@ def test_fit_refuses_before_running_the_backbone(monkeypatch):
 
 # -- defaults and configuration ----------------------------------------------------------------
 def test_default_n_features_paper_and_rule():
-    assert padim.default_n_features(448) == 100  # resnet18 layer1-3
-    assert padim.default_n_features(1792) == 550  # wide_resnet50_2 layer1-3
-    assert padim.default_n_features(176) == 53  # otherwise 30 % ...
-    assert padim.default_n_features(4000) == 550  # ... capped at 550
-    assert padim.default_n_features(2) == 1
+    assert selection.default_n_features(448) == 100  # resnet18 layer1-3
+    assert selection.default_n_features(1792) == 550  # wide_resnet50_2 layer1-3
+    assert selection.default_n_features(176) == 53  # otherwise 30 % ...
+    assert selection.default_n_features(4000) == 550  # ... capped at 550
+    assert selection.default_n_features(2) == 1
 
 
-def test_resnet18_defaults_to_100_of_448_channels():
-    model = _model(64, weights="none")
-    assert model.config.backbone == "resnet18" and sum(model._dims) == 448
-    assert model.channels.numel() == 100
+def test_auto_keeps_every_channel_while_it_fits_else_projects():
+    auto = selection.resolve_auto
+    assert auto("auto", 0, 176, 3136) == "all"  # lite0 blocks.1+2+4 at 224 px: 0.39 GB
+    assert auto("auto", 0, 448, 3136) == "orthogonal"  # resnet18 layer1-3: 2.5 GB
+    assert auto("auto", 100, 176, 3136) == "random"  # n_features set: the paper's draw
+    assert auto("variance", 0, 448, 3136) == "variance"
+
+
+def test_auto_resolves_at_fit_to_every_channel_on_small_grids():
+    model = _tiny(n_features=0)
+    model.fit(_random_batches(10))
+    assert model.selection == "all" and torch.equal(model.channels, torch.arange(176))
+    assert model.info()["n_features"] == 176 and model.precision.shape == (64, 176, 176)
 
 
 def test_channel_choice_is_seeded_sorted_and_unique():
@@ -218,12 +300,51 @@ def test_channel_choice_is_seeded_sorted_and_unique():
     assert torch.equal(a, a.unique()) and int(a.max()) < 176
 
 
+def test_orthogonal_embedding_is_the_projection_of_every_channel():
+    ortho, every = _tiny(selection="orthogonal", seed=2), _tiny(selection="all", n_features=0)
+    w = ortho.projection
+    assert w.shape == (176, 16)
+    torch.testing.assert_close(w.T @ w, torch.eye(16), atol=1e-5, rtol=0)
+    assert torch.equal(w, _tiny(selection="orthogonal", seed=2).projection)
+    images = next(_random_batches(3))["image"]
+    with torch.no_grad():
+        want = every._embed(images) @ w  # (P, B, 176) @ (176, 16)
+        torch.testing.assert_close(ortho._embed(images), want, rtol=1e-4, atol=1e-4)
+
+
+def test_variance_keeps_the_sub_gaussian_of_its_top_channels():
+    var, every = _tiny(selection="variance", n_features=12), _tiny(selection="all", n_features=0)
+    var.fit(_random_batches(30))
+    every.fit(_random_batches(30))
+    cov = torch.linalg.inv(every.precision.double())  # (P, 176, 176) + 0.01 I
+    spread = cov.diagonal(dim1=1, dim2=2).sum(0)
+    assert torch.equal(var.channels, spread.topk(12).indices.sort().values)
+    keep = var.channels
+    torch.testing.assert_close(var.mean, every.mean[:, keep])
+    sub = torch.linalg.inv(cov[:, keep][:, :, keep])
+    torch.testing.assert_close(var.precision.double(), sub, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ({"n_features": -1}, "n_features must be >= 0"),
+        ({"regularization": -0.1}, "regularization must be >= 0"),
+        ({"selection": "all", "n_features": 100}, "does not apply to model.selection=all"),
+        ({"selection": "best"}, "model.selection must be one of auto, all, random"),
+        ({"sigma": -1.0}, "sigma must be >= 0"),
+        ({"border": "wrap"}, "model.border must be one of mirror, reflect"),
+    ],
+)
+def test_config_ranges_are_checked_when_the_config_resolves(model, match):
+    with pytest.raises(ConfigError, match=match):  # no backbone is built to find out
+        config_mod.resolve(Padim.Config, [{"model": model}])
+
+
 @pytest.mark.parametrize(
     ("model", "error", "match"),
     [
         ({"n_features": 177}, ConfigError, "exceeds the 176 channels"),
-        ({"n_features": -1}, ConfigError, "n_features must be >= 0"),
-        ({"regularization": -0.1}, ConfigError, "regularization must be >= 0"),
         ({"layers": ["blocks.9"]}, BackboneError, "unknown layer 'blocks.9'"),
     ],
 )
@@ -266,6 +387,20 @@ def test_save_load_predict_is_identical(fitted, tmp_path):
     again.load_state_dict(tensors)
     after = again.predict(test["image"])
     assert torch.equal(after.scores, before.scores) and torch.equal(after.maps, before.maps)
+
+
+def test_orthogonal_projection_is_saved_and_restored(tmp_path):
+    model = _tiny(selection="orthogonal", seed=5)
+    model.fit(_random_batches(10))
+    images = next(_random_batches(4, seed=1))["image"]
+    artifact.save_artifact(tmp_path / "m.safetensors", model.state_dict(), {"model": "padim"})
+    tensors, _ = artifact.load_artifact(tmp_path / "m.safetensors")
+    again = _tiny(seed=9)  # a random subset until the file says otherwise
+    again.load_state_dict(tensors)
+    assert again.selection == "orthogonal" and torch.equal(again.projection, model.projection)
+    assert torch.equal(again.predict(images).scores, model.predict(images).scores)
+    with pytest.raises(ArtifactError, match="shapes disagree"):
+        again.load_state_dict({**tensors, "projection": tensors["projection"][:, :8]})
 
 
 def test_defects_score_higher_than_good_with_imagenet_lite0(fitted):

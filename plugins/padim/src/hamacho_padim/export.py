@@ -18,15 +18,14 @@ class PadimGraph(nn.Module):
             raise ValueError("PaDiM is not fitted: fit or load it before exporting")
         self.aggregator = model.aggregator
         self.grid = tuple(int(v) for v in model.grid)
-        channels = model.channels.cpu()
-        bounds = torch.tensor([0, *model.aggregator.feature_dimensions()]).cumsum(0).tolist()
-        # per layer, the local indices of the chosen channels (selected before upsampling)
-        self.picks = [
-            (channels[(channels >= lo) & (channels < hi)] - lo).tolist()
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        for i, pick in enumerate(self.picks):
-            self.register_buffer(f"pick{i}", torch.tensor(pick, dtype=torch.long))
+        # per layer, the local indices of the chosen channels (selected before upsampling) and,
+        # with selection orthogonal, that layer's rows of the projection: as Padim._embed_chunk
+        self.layers = len(model._per_layer)
+        for i, (idx, rows) in enumerate(zip(model._per_layer, model._rows, strict=True)):
+            self.register_buffer(f"pick{i}", idx.detach().cpu().long())
+            if rows is not None:
+                self.register_buffer(f"rows{i}", rows.detach().cpu().float())
+        self.projected = model.projection is not None
         self.register_buffer("mean", model.mean.detach().cpu().float())  # (P, d)
         self.register_buffer("precision", model.precision.detach().cpu().float())  # (P, d, d)
         self.anomaly_map = model.anomaly_map
@@ -37,13 +36,22 @@ class PadimGraph(nn.Module):
         grid = feats[0].shape[-2:]
         parts = []
         for i, feat in enumerate(feats):
-            if not self.picks[i]:
+            pick = getattr(self, f"pick{i}")
+            if not pick.numel():
                 continue
-            part = feat.index_select(1, getattr(self, f"pick{i}"))  # (N, d_i, h_i, w_i)
+            part = feat if pick.numel() == feat.shape[1] else feat.index_select(1, pick)
+            if self.projected:  # project before upsampling: nearest only copies cells
+                part = torch.einsum("bchw,cd->bdhw", part, getattr(self, f"rows{i}"))
             if part.shape[-2:] != grid:
                 part = F.interpolate(part, size=grid, mode="nearest")
             parts.append(part)
-        x = torch.cat(parts, dim=1).flatten(2).permute(2, 0, 1)  # (P, N, d)
+        if self.projected:  # W^T x = the sum of each layer's rows times its features
+            emb = parts[0]
+            for part in parts[1:]:
+                emb = emb + part
+        else:
+            emb = torch.cat(parts, dim=1)
+        x = emb.flatten(2).permute(2, 0, 1)  # (P, N, d)
         delta = x - self.mean[:, None]  # (P, N, d)
         dist = (torch.bmm(delta, self.precision) * delta).sum(dim=2)  # (P, N)
         patch = dist.clamp(min=0).sqrt().T.reshape(-1, *self.grid)  # (N, h, w)
