@@ -16,6 +16,7 @@ from hamacho_patchcore.torch_model import PatchEmbedder, reweighted_scores
 
 log = logging.getLogger("hamacho.patchcore")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_AGGREGATIONS = ("official", "mean", "concat")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PatchCoreConfig:
     layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
     weights: str = "imagenet"
     patch_size: int = 3
-    aggregation: str = "recipe"  # recipe: per-layer pooling to embedding_dim | concat
+    aggregation: str = "official"  # official (the paper's code) | mean | concat
     pretrain_embed_dim: int = 1024
     embedding_dim: int = 1024
     coreset_ratio: float = 0.1
@@ -45,8 +46,14 @@ class PatchCoreConfig:
 
 def _check(config: PatchCoreConfig) -> None:
     """Raise ConfigError naming the first setting that cannot work."""
-    if config.aggregation not in ("recipe", "concat"):
-        raise ConfigError(f"model.aggregation must be recipe or concat, got {config.aggregation!r}")
+    if config.aggregation == "recipe":  # its old name (artifacts saved before the rename)
+        log.warning("model.aggregation=recipe is now called 'mean'; loading it as mean")
+        config.aggregation = "mean"
+    if config.aggregation not in _AGGREGATIONS:
+        raise ConfigError(
+            f"model.aggregation must be one of {', '.join(_AGGREGATIONS)}, got "
+            f"{config.aggregation!r}"
+        )
     if config.score not in ("max", "paper"):
         raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
     if config.feature_dtype not in _DTYPES:
@@ -114,7 +121,7 @@ class PatchCore(Model):
             config.pretrain_embed_dim,
             config.embedding_dim,
             chunk=config.backbone_batch,
-            concat=config.aggregation == "concat",
+            aggregation=config.aggregation,
         )
         self.search = components.search(backend=config.search)
         self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
