@@ -303,6 +303,60 @@ def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> Non
     assert metrics.pixel_auroc(batch["mask"][:, 0], pred.maps) > 0.95
 
 
+def _loo_reference(model: PatchCore, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Brute force: every patch against every bank row of another image; (images, patches)."""
+    emb = torch.cat([model.embedder(b["image"])[0] for b in batches])  # (n, P, D)
+    n, p, d = emb.shape
+    dist = torch.cdist(emb.reshape(n * p, d).double(), model.bank.double())  # (n*P, N)
+    owner = torch.arange(n).repeat_interleave(p)
+    dist[model.bank_source[None].long() == owner[:, None]] = torch.inf
+    return dist.min(dim=1).values.reshape(n, p).float()
+
+
+@pytest.mark.parametrize("candidates", [16, 1])  # 1: nearly every patch needs the fallback
+def test_training_scores_match_brute_force_leave_one_out(candidates: int) -> None:
+    batches = _batches(_images(6, seed=5), size=4)  # 4 + 2 images
+    model = _model(coreset_ratio=0.3, loo_candidates=candidates, feature_dtype="float32")
+    model.fit(batches)
+    counts = torch.bincount(model.bank_source.long(), minlength=6)
+    assert model.bank_source.dtype == torch.int32 and counts.sum() == len(model.bank)
+    assert (counts > 0).all()  # every image has rows of its own to leave out
+    expected = _loo_reference(model, batches).amax(dim=1)
+    scores = model.training_scores(batches)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert (scores > model.predict(torch.cat([b["image"] for b in batches])).scores).all()
+
+
+def test_training_scores_paper_score_leaves_the_image_out() -> None:
+    batches = _batches(_images(5, seed=6), size=5)
+    model = _model(coreset_ratio=0.3, score="paper", num_neighbors=3, feature_dtype="float32")
+    model.fit(batches)
+    images = batches[0]["image"]
+    emb = model.embedder(images)[0]
+    patch = _loo_reference(model, batches)  # (5, P)
+    worst = patch.argmax(dim=1)
+    bank, source = model.bank, model.bank_source.long()
+    expected = []
+    for i in range(5):
+        vec = emb[i, worst[i]]
+        other = bank[source != i]
+        star = other[(other - vec).norm(dim=1).argmin()]
+        support = other[(other - star).norm(dim=1).topk(3, largest=False).indices]
+        weight = 1 - torch.softmax((support - vec).norm(dim=1), dim=0)[0]
+        expected.append(weight * patch[i, worst[i]])
+    scores = model.training_scores(batches)
+    torch.testing.assert_close(scores, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_bank_source_saved_and_old_artifacts_load_without_it(fitted: PatchCore) -> None:
+    state = fitted.state_dict()
+    assert torch.equal(state["bank_source"], fitted.bank_source)
+    old = _model(coreset_ratio=0.25)
+    old.load_state_dict({k: v for k, v in state.items() if k != "bank_source"})
+    assert old.bank_source is None and old.training_scores(_batches(_images(2))) is None
+    torch.testing.assert_close(old.predict(_images(1)).scores, fitted.predict(_images(1)).scores)
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
