@@ -38,6 +38,8 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     loo_candidates: int = 16  # leave-one-out: neighbours searched before same-image ones drop
     search: str = "auto"
+    search_candidates_dim: int = 128  # exact search via candidates from a PCA (0 = plain)
+    search_rerank: int = 32  # candidates re-ranked exactly in full dimension
     sigma: float = 4.0
     border: str = "reflect"  # blur border: reflect (scipy, the references) | mirror
     feature_dtype: str = "float16"  # patch features held during fit and the memory bank
@@ -75,6 +77,7 @@ def _check(config: PatchCoreConfig) -> None:
         "projection_dim",
         "num_neighbors",
         "loo_candidates",
+        "search_rerank",
     )
     for key in positive:
         if getattr(config, key) < 1:
@@ -82,6 +85,11 @@ def _check(config: PatchCoreConfig) -> None:
     if config.backbone_batch < 0:
         raise ConfigError(
             f"model.backbone_batch must be >= 0 (0 = whole batch), got {config.backbone_batch}"
+        )
+    if config.search_candidates_dim < 0:
+        raise ConfigError(
+            f"model.search_candidates_dim must be >= 0 (0 = plain search), got "
+            f"{config.search_candidates_dim}"
         )
     if config.max_bank_size < 0:
         raise ConfigError(
@@ -136,7 +144,11 @@ class PatchCore(Model):
             chunk=config.backbone_batch,
             aggregation=config.aggregation,
         )
-        self.search = components.search(backend=config.search)
+        self.search = components.search(
+            backend=config.search,
+            candidates_dim=config.search_candidates_dim,
+            rerank=config.search_rerank,
+        )
         self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
         self.bank: torch.Tensor | None = None  # (N, embedder.dim) in feature_dtype
         self.bank_source: torch.Tensor | None = None  # (N,) int32: training image of each row
