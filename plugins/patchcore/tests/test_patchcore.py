@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,20 @@ def test_predict_before_fit_and_bad_state_raise() -> None:
         model.state_dict()
     with pytest.raises(ArtifactError, match="memory_bank"):
         model.load_state_dict({"memory_bank": torch.zeros(4, 7), "grid": torch.tensor([8, 8])})
+
+
+# 32: each 64 px image is 4 tiles, 4 "images" to the model
+@pytest.mark.parametrize("tiles", [0, pytest.param(32, marks=pytest.mark.slow)])
+def test_train_threshold_from_leave_one_out_scores(tmp_path: Path, tiles: int) -> None:
+    from hamacho.engine import load_run, train
+
+    tiny_mvtec = make_synthetic_dataset(tmp_path / "d", n_train=12, n_test_good=2, size=64)
+    sets = [f"model.{k}={v}" for k, v in TINY.items()]
+    sets += ["data.image_size=64", "data.crop_size=null", f"tiler.tile_size={tiles}"]
+    run = train("patchcore", tiny_mvtec, overrides=sets, output=tmp_path / "run")
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["holdout_images"] == 0 and summary["train_images"] == 12
+    assert summary["threshold"]["source"].endswith("each scored leave-one-out")
+    loaded = load_run(run)
+    sources = loaded.model.bank_source
+    assert int(sources.max()) < 12 * (4 if tiles else 1) and len(sources.unique()) > 12 // 2
