@@ -38,7 +38,7 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     loo_candidates: int = 16  # leave-one-out: neighbours searched before same-image ones drop
     search: str = "auto"
-    search_candidates_dim: int = 128  # exact search via candidates from a PCA (0 = plain)
+    search_candidates_dim: int = 256  # exact search via candidates from a PCA (0 = plain)
     search_rerank: int = 32  # candidates re-ranked exactly in full dimension
     sigma: float = 4.0
     border: str = "reflect"  # blur border: reflect (scipy, the references) | mirror
