@@ -68,11 +68,30 @@ def _ivfpq_defaults(n: int, d: int) -> dict[str, int]:
     return {"nlist": nlist, "m": d // dsub, "nbits": nbits}
 
 
+def _pca(bank: torch.Tensor, dim: int, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and top-``dim`` principal directions (D, dim) of up to ``rows`` bank rows.
+
+    Any orthonormal basis keeps the search exact; a good one only makes it faster.
+    """
+    if len(bank) > rows:
+        pick = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:rows]
+        bank = bank[pick.to(bank.device)]
+    mean = bank.mean(0)
+    centred = bank - mean
+    _, vectors = torch.linalg.eigh((centred.T @ centred).double())  # ascending eigenvalues
+    return mean, vectors[:, -dim:].flip(1).float().contiguous()
+
+
 class NearestNeighbourSearch:
     """k-nearest-neighbour search in Euclidean distance over a fitted bank of vectors."""
 
     def __init__(
-        self, backend: str = "auto", device: str | torch.device | None = None, **options: Any
+        self,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        candidates_dim: int = 0,
+        rerank: int = 32,
+        **options: Any,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +104,22 @@ class NearestNeighbourSearch:
                 f"unknown option(s) {unknown} for search backend '{self.backend}'. Valid: {valid}"
             )
         self.options = dict(options)
+        if candidates_dim < 0 or rerank < 1:
+            raise ConfigError(
+                f"candidates_dim must be >= 0 (0 = off) and rerank >= 1, got {candidates_dim} "
+                f"and {rerank}"
+            )
+        if candidates_dim and self.backend in _APPROXIMATE:
+            raise ConfigError(
+                f"candidates_dim needs an exact backend (torch, faiss_flat) to stay exact, got "
+                f"'{self.backend}'"
+            )
+        # exact search through candidates from a PCA of the bank (see _search_projected)
+        self.candidates_dim, self.rerank = int(candidates_dim), int(rerank)
+        self._candidates: NearestNeighbourSearch | None = None  # search in the PCA space
+        self._pca: tuple[torch.Tensor, torch.Tensor] | None = None  # mean (D,), basis (D, p)
+        self._low_max_sq = 0.0  # largest squared norm of the bank's PCA coordinates
+        self.last_uncertain = 0  # queries of the last search that needed the full search
         self._faiss = None if self.backend == "torch" else _import_faiss(self.backend)
         self._index: Any = None
         self._gpu_res: Any = None
@@ -134,7 +169,11 @@ class NearestNeighbourSearch:
             )
         self._shape = (bank.shape[0], bank.shape[1])
         self._index = self._bank = self._bank_sq = None
-        if self.backend == "torch":
+        self._candidates = self._pca = None
+        if self.candidates_dim and bank.shape[1] >= 2 * self.candidates_dim:
+            self._fit_torch(bank)  # the full bank, for the exact re-ranking
+            self._fit_projected(_pca(self._fitted_bank(), self.candidates_dim))
+        elif self.backend == "torch":
             self._fit_torch(bank)
         else:
             if self.backend == "faiss_ivfpq":  # PQ codes are lossy: keep vectors for exact refine
@@ -151,6 +190,22 @@ class NearestNeighbourSearch:
             chunk.copy_(bank[start : start + _ROWS])
             torch.linalg.vector_norm(chunk, dim=1, out=self._bank_sq[start : start + _ROWS])
         self._bank_sq.square_()
+
+    def _fit_projected(self, pca: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Index the bank's PCA coordinates with this object's backend."""
+        self._pca = (pca[0].to(self.device), pca[1].to(self.device))
+        bank = self._fitted_bank()
+        low = torch.cat([self._project(bank[s : s + _ROWS]) for s in range(0, len(bank), _ROWS)])
+        self._low_max_sq = float(low.square().sum(1).max())
+        self._candidates = NearestNeighbourSearch(self.backend, self.device, **self.options)
+        self._candidates.fit(low)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, D) -> (M, p) coordinates in the bank's PCA basis (orthonormal, so contracting)."""
+        if self._pca is None:
+            raise HamachoError("no PCA basis: call fit(bank) first")
+        mean, basis = self._pca
+        return (x.to(self.device, torch.float32) - mean) @ basis
 
     def _build_faiss(self, bank: torch.Tensor) -> Any:
         faiss = self._faiss_module
@@ -203,12 +258,45 @@ class NearestNeighbourSearch:
             raise DataError(f"queries must be (M, {d}) like the bank, got {tuple(queries.shape)}")
         if not 1 <= k <= n:
             raise ConfigError(f"k={k} neighbours requested but the bank holds {n} vectors")
-        if self.backend == "torch":
+        if self._candidates is not None:
+            dist, idx = self._search_projected(queries, k)
+        elif self.backend == "torch":
             dist, idx = self._search_torch(queries, k)
         else:
             dist, idx = self._search_faiss(queries, k)
         dist = dist.clamp_min_(0)
         return (dist if squared else dist.sqrt_()), idx
+
+    def _search_projected(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k from the ``rerank`` nearest in the PCA space, re-ranked in full dimension.
+
+        The basis is orthonormal, so a row's PCA distance never exceeds its true distance: when
+        the k-th exact distance among the candidates is at most the last candidate's PCA
+        distance, no other row can be nearer and the answer is exact. The few queries without
+        that certificate get the exact full search.
+        """
+        if self._candidates is None:
+            raise HamachoError("no candidate index: call fit(bank) first")
+        bank = self._fitted_bank()
+        kk = min(len(bank), max(k, self.rerank))
+        low = self._project(queries)
+        low_sq, cand = self._candidates.search(low, k=kk, squared=True)  # (M, kk), nearest first
+        dist = torch.empty((len(queries), k), dtype=torch.float32)
+        idx = torch.empty((len(queries), k), dtype=torch.int64)
+        step = max(1, 2**22 // (kk * bank.shape[1]))  # bounds the (m, kk, D) gather
+        for s in range(0, len(queries), step):
+            q = queries[s : s + step].to(self.device, torch.float32)
+            c = cand[s : s + step].to(self.device)
+            exact = (bank[c] - q[:, None]).square_().sum(-1)  # (m, kk) squared distances
+            d_, order = exact.topk(k, dim=1, largest=False, sorted=True)
+            dist[s : s + step], idx[s : s + step] = d_.cpu(), c.gather(1, order).cpu()
+        # float32 rounding of the PCA distances is ~1e-6 of the squared norms: keep a margin
+        norms = low.square().sum(1).cpu() + self._low_max_sq
+        uncertain = (dist[:, -1] > low_sq[:, -1] - 1e-5 * norms).nonzero()[:, 0]
+        self.last_uncertain = len(uncertain)
+        if len(uncertain):
+            dist[uncertain], idx[uncertain] = self._search_torch(queries[uncertain], k)
+        return dist, idx
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact search in (query block x bank block) score tiles small enough to stay in cache.
@@ -289,6 +377,8 @@ class NearestNeighbourSearch:
         if self._shape is None:
             raise HamachoError("search index is empty: call fit(bank) before state_dict()")
         state = {"bank": self._bank_cpu()}
+        if self._pca is not None:
+            state["pca_mean"], state["pca_basis"] = (t.cpu() for t in self._pca)
         if self.backend in _APPROXIMATE:
             index = self._index
             if self._gpu_res is not None:
@@ -309,6 +399,12 @@ class NearestNeighbourSearch:
         bank = state.get("bank")
         if bank is None or bank.ndim != 2:
             raise ArtifactError("search state has no (N, D) 'bank' tensor; re-train the model")
+        basis = state.get("pca_basis")
+        if basis is not None and basis.shape == (bank.shape[1], self.candidates_dim):
+            self._shape = (bank.shape[0], bank.shape[1])
+            self._fit_torch(bank)
+            self._fit_projected((state["pca_mean"], basis))
+            return
         if self.backend not in _APPROXIMATE or "index" not in state:
             self.fit(bank)
             return

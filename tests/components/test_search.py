@@ -163,3 +163,57 @@ def test_search_errors():
         nn.search(queries[:, :5])
     with pytest.raises(DataError, match="non-empty"):
         nn.fit(bank[:0])
+
+
+def _manifold(n: int, m: int, d: int = 256, seed: int = 0):
+    """Non-negative features on a 16-d manifold, like CNN patches (most energy in few axes)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(16, d, generator=g) / 4
+
+    def draw(k: int) -> torch.Tensor:
+        latent = torch.randn(k, 16, generator=g)
+        return (latent @ mixing).relu_() + 0.05 * torch.randn(k, d, generator=g).abs_()
+
+    return draw(n), draw(m)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_search_candidates_are_exact(k):
+    bank, queries = _manifold(3000, 400)
+    nn = NearestNeighbourSearch("torch", candidates_dim=32, rerank=8).fit(bank)
+    dist, idx = nn.search(queries, k=k)
+    ref_dist, ref_idx = _brute_force(bank, queries, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    assert nn._pca is not None and nn._pca[1].shape == (256, 32)
+
+
+def test_search_candidates_fall_back_when_uncertified():
+    # structureless data: 4 candidates from an 8-d PCA of 64 dims certify almost nothing, so
+    # nearly every query takes the exact full search, and the answers stay exact
+    bank, queries = _data(n=800, m=100, d=64)
+    nn = NearestNeighbourSearch("torch", candidates_dim=8, rerank=4).fit(bank)
+    _, idx = nn.search(queries, k=1)
+    assert nn.last_uncertain > 50
+    assert torch.equal(idx, _brute_force(bank, queries, 1)[1])
+
+
+def test_search_candidates_state_round_trip_keeps_basis():
+    bank, queries = _manifold(1000, 50)
+    nn = NearestNeighbourSearch("torch", candidates_dim=32).fit(bank)
+    state = nn.state_dict()
+    assert state["pca_basis"].shape == (256, 32)
+    again = NearestNeighbourSearch("torch", candidates_dim=32)
+    again.load_state_dict(state)
+    assert torch.equal(again._pca[1], nn._pca[1])
+    assert torch.equal(again.search(queries)[1], nn.search(queries)[1])
+
+
+def test_search_candidates_skipped_for_narrow_banks_and_need_exact_backend():
+    bank, queries = _data(d=32)
+    nn = NearestNeighbourSearch("torch", candidates_dim=32).fit(bank)  # 32 < 2 * 32: plain
+    assert nn._pca is None and "pca_basis" not in nn.state_dict()
+    with pytest.raises(ConfigError, match="exact backend"):
+        NearestNeighbourSearch("faiss_hnsw", candidates_dim=32)
+    with pytest.raises(ConfigError, match="candidates_dim must be >= 0"):
+        NearestNeighbourSearch("torch", candidates_dim=-1)

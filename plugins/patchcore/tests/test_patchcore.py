@@ -1,7 +1,8 @@
-"""PatchCore plugin: embedding recipe, memory bank, scores, save/load and config errors."""
+"""PatchCore plugin: embeddings, memory bank, scores, save/load and config errors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,8 @@ def fitted() -> PatchCore:
     return model
 
 
-def _recipe(features: list[torch.Tensor], pretrain: int, dim: int) -> torch.Tensor:
-    """The recipe written out step by step: (B, h*w, dim)."""
+def _mean(features: list[torch.Tensor], pretrain: int, dim: int) -> torch.Tensor:
+    """aggregation=mean written out step by step: (B, h*w, dim)."""
     grid = features[0].shape[-2:]
     pooled = []
     for fmap in features:
@@ -72,34 +73,111 @@ def _tiny_aggregator() -> NetworkFeatureAggregator:
     return NetworkFeatureAggregator(net, ["1", "3"], device="cpu")
 
 
+def _official(features: list[torch.Tensor], pretrain: int, dim: int) -> torch.Tensor:
+    """The official embedding step by step, as patchcore-inspection does it: (B, h*w, dim)."""
+    b = features[0].shape[0]
+    ref_h, ref_w = features[0].shape[-2:]
+    vectors = []
+    for fmap in features:
+        c, h, w = fmap.shape[1:]
+        # PatchMaker.patchify: (B, C*9, h*w) -> (B, C, 3, 3, h*w) -> (B, h*w, C, 3, 3)
+        patches = F.unfold(fmap, kernel_size=3, stride=1, padding=1, dilation=1)
+        patches = patches.reshape(b, c, 3, 3, -1).permute(0, 4, 1, 2, 3)
+        if (h, w) != (ref_h, ref_w):  # every one of the C*9 components upsampled on its own
+            grid = patches.reshape(b, h, w, c, 3, 3).permute(0, 3, 4, 5, 1, 2)
+            ups = F.interpolate(
+                grid.reshape(-1, h, w).unsqueeze(1),
+                size=(ref_h, ref_w),
+                mode="bilinear",
+                align_corners=False,
+            ).squeeze(1)
+            ups = ups.reshape(b, c, 3, 3, ref_h, ref_w).permute(0, 4, 5, 1, 2, 3)
+            patches = ups.reshape(b, -1, c, 3, 3)
+        patches = patches.reshape(-1, c, 3, 3)  # (B*h*w, C, 3, 3)
+        # MeanMapper: flatten each patch (channel-major) and pool it to `pretrain`
+        flat = patches.reshape(len(patches), 1, -1)
+        vectors.append(F.adaptive_avg_pool1d(flat, pretrain).squeeze(1))
+    stacked = torch.stack(vectors, dim=1)  # Preprocessing: (B*h*w, layers, pretrain)
+    # Aggregator: (B*h*w, 1, layers*pretrain) -> pooled to dim
+    pooled = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), dim)
+    return pooled.reshape(b, ref_h * ref_w, dim)
+
+
+class _Fixed(nn.Module):
+    """A stand-in aggregator that returns the given feature maps."""
+
+    def __init__(self, features: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {str(i): f for i, f in enumerate(self.features)}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "pretrain", "dim"),
+    [
+        ([(40, 28), (112, 14)], 1024, 1024),  # lite0 blocks.2 + blocks.4
+        ([(512, 28), (1024, 14)], 1024, 1024),  # wide_resnet50_2 layer2 + layer3
+        ([(128, 28), (256, 14)], 1024, 1024),  # resnet18
+        ([(6, 9), (10, 5), (7, 3)], 50, 37),  # three layers, odd grids, straddling windows
+        ([(16, 8)], 30, 20),  # one layer
+    ],
+)
+def test_embedder_official_matches_step_by_step_reference(shapes, pretrain, dim) -> None:
+    g = torch.Generator().manual_seed(len(shapes) + pretrain)
+    features = [torch.randn(2 if c < 500 else 1, c, s, s, generator=g) for c, s in shapes]
+    features = [f[: min(len(f) for f in features)] for f in features]
+    channels = [c for c, _ in shapes]
+    embedder = PatchEmbedder(_Fixed(features), channels, 3, pretrain, dim)
+    emb, grid = embedder(torch.zeros(len(features[0]), 3, 8, 8))
+    assert embedder.aggregation == "official" and embedder.dim == dim
+    assert grid == (shapes[0][1], shapes[0][1])
+    torch.testing.assert_close(emb, _official(features, pretrain, dim), atol=1e-5, rtol=1e-5)
+
+
+def test_embedder_official_keeps_patch_structure_mean_does_not() -> None:
+    """Columns 1, -1, 0, ...: every 3x3 channel mean inside is 0, the official sees the rest."""
+    stripes = torch.tensor([1.0, -1.0, 0.0]).repeat(3).expand(1, 4, 9, 9).contiguous()
+    flat = torch.zeros_like(stripes)
+    for aggregation, differs in (("official", True), ("mean", False)):
+        a, _ = PatchEmbedder(_Fixed([stripes]), [4], 3, 36, 36, aggregation=aggregation)(flat)
+        b, _ = PatchEmbedder(_Fixed([flat]), [4], 3, 36, 36, aggregation=aggregation)(flat)
+        centre = 4 * 9 + 4  # away from the zero padding
+        gap = (a[0, centre] - b[0, centre]).abs().max().item()
+        assert (gap > 0.1) is differs, aggregation
+
+
 def test_embedder_resnet18_shapes() -> None:
     agg = NetworkFeatureAggregator("resnet18", ["layer2", "layer3"], weights="none", device="cpu")
-    embedder = PatchEmbedder(agg, agg.feature_dimensions(), 3, 1024, 1024)
+    embedder = PatchEmbedder(agg, agg.feature_dimensions(), 3, 1024, 1024, aggregation="mean")
     emb, grid = embedder(_images(2, 224))
     assert grid == (28, 28)
     # 128 + 256 channels pooled up to 1024: stored in their 384 exact coordinates
     assert embedder.dim == 384 and emb.shape == (2, 784, 384)
-    small = PatchEmbedder(agg, agg.feature_dimensions(), 3, 64, 32)
+    small = PatchEmbedder(agg, agg.feature_dimensions(), 3, 64, 32, aggregation="mean")
     emb, _ = small(_images(1, 224))
     assert small.basis is None and emb.shape == (1, 784, 32)
 
 
-def test_embedder_pooled_path_matches_recipe() -> None:
+def test_embedder_pooled_path_matches_mean() -> None:
     agg = _tiny_aggregator()
-    embedder = PatchEmbedder(agg, [6, 10], 3, 8, 4)  # rank 4 == embedding_dim: pooled path
+    # rank 4 == embedding_dim: the pooled path
+    embedder = PatchEmbedder(agg, [6, 10], 3, 8, 4, aggregation="mean")
     images = _images(2, 32)
     emb, grid = embedder(images)
-    expected = _recipe(list(agg(images).values()), 8, 4)
+    expected = _mean(list(agg(images).values()), 8, 4)
     assert grid == (16, 16) and embedder.basis is None
     torch.testing.assert_close(emb, expected)
 
 
-def test_embedder_low_rank_path_is_isometric_to_recipe() -> None:
+def test_embedder_low_rank_path_is_isometric_to_mean() -> None:
     agg = _tiny_aggregator()
-    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64)  # 16 channels pooled up to 64
+    # 16 channels pooled up to 64: stored in 16 exact coordinates
+    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64, aggregation="mean")
     images = _images(2, 32)
     emb, _ = embedder(images)
-    expected = _recipe(list(agg(images).values()), 32, 64)
+    expected = _mean(list(agg(images).values()), 32, 64)
     assert emb.shape == (2, 256, 16) and embedder.basis.shape == (64, 16)
     torch.testing.assert_close(emb @ embedder.basis.T, expected, atol=1e-5, rtol=1e-5)
     a, b = emb.reshape(-1, 16), expected.reshape(-1, 64)
@@ -110,7 +188,7 @@ def test_embedder_low_rank_path_is_isometric_to_recipe() -> None:
 
 def test_embedder_concat_is_the_plain_channel_stack() -> None:
     agg = _tiny_aggregator()
-    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64, concat=True)
+    embedder = PatchEmbedder(agg, [6, 10], 3, 32, 64, aggregation="concat")
     images = _images(2, 32)
     emb, grid = embedder(images)
     first, second = agg(images).values()
@@ -124,10 +202,11 @@ def test_embedder_concat_is_the_plain_channel_stack() -> None:
 def test_embedder_chunks_match_whole_batch() -> None:
     agg = _tiny_aggregator()
     images = _images(5, 32)
-    whole, grid = PatchEmbedder(agg, [6, 10], 3, 32, 64)(images)
-    chunked, grid2 = PatchEmbedder(agg, [6, 10], 3, 32, 64, chunk=2)(images)
-    assert grid == grid2 and chunked.shape == whole.shape
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for aggregation in ("official", "mean"):
+        whole, grid = PatchEmbedder(agg, [6, 10], 3, 32, 64, aggregation=aggregation)(images)
+        chunked, grid2 = PatchEmbedder(agg, [6, 10], 3, 32, 64, 2, aggregation)(images)
+        assert grid == grid2 and chunked.shape == whole.shape
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_bank_honours_coreset_ratio_and_max_bank_size() -> None:
@@ -210,6 +289,7 @@ def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> Non
         weights="imagenet",
         pretrain_embed_dim=1024,
         embedding_dim=1024,
+        aggregation="mean",
     )
     assert model.embedder.dim == 152  # 40 + 112 channels: exact low-rank coordinates
     cfg = data.DataConfig(image_size=96, crop_size=None, batch_size=6)
@@ -224,11 +304,65 @@ def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> Non
     assert metrics.pixel_auroc(batch["mask"][:, 0], pred.maps) > 0.95
 
 
+def _loo_reference(model: PatchCore, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Brute force: every patch against every bank row of another image; (images, patches)."""
+    emb = torch.cat([model.embedder(b["image"])[0] for b in batches])  # (n, P, D)
+    n, p, d = emb.shape
+    dist = torch.cdist(emb.reshape(n * p, d).double(), model.bank.double())  # (n*P, N)
+    owner = torch.arange(n).repeat_interleave(p)
+    dist[model.bank_source[None].long() == owner[:, None]] = torch.inf
+    return dist.min(dim=1).values.reshape(n, p).float()
+
+
+@pytest.mark.parametrize("candidates", [16, 1])  # 1: nearly every patch needs the fallback
+def test_training_scores_match_brute_force_leave_one_out(candidates: int) -> None:
+    batches = _batches(_images(6, seed=5), size=4)  # 4 + 2 images
+    model = _model(coreset_ratio=0.3, loo_candidates=candidates, feature_dtype="float32")
+    model.fit(batches)
+    counts = torch.bincount(model.bank_source.long(), minlength=6)
+    assert model.bank_source.dtype == torch.int32 and counts.sum() == len(model.bank)
+    assert (counts > 0).all()  # every image has rows of its own to leave out
+    expected = _loo_reference(model, batches).amax(dim=1)
+    scores = model.training_scores(batches)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert (scores > model.predict(torch.cat([b["image"] for b in batches])).scores).all()
+
+
+def test_training_scores_paper_score_leaves_the_image_out() -> None:
+    batches = _batches(_images(5, seed=6), size=5)
+    model = _model(coreset_ratio=0.3, score="paper", num_neighbors=3, feature_dtype="float32")
+    model.fit(batches)
+    images = batches[0]["image"]
+    emb = model.embedder(images)[0]
+    patch = _loo_reference(model, batches)  # (5, P)
+    worst = patch.argmax(dim=1)
+    bank, source = model.bank, model.bank_source.long()
+    expected = []
+    for i in range(5):
+        vec = emb[i, worst[i]]
+        other = bank[source != i]
+        star = other[(other - vec).norm(dim=1).argmin()]
+        support = other[(other - star).norm(dim=1).topk(3, largest=False).indices]
+        weight = 1 - torch.softmax((support - vec).norm(dim=1), dim=0)[0]
+        expected.append(weight * patch[i, worst[i]])
+    scores = model.training_scores(batches)
+    torch.testing.assert_close(scores, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_bank_source_saved_and_old_artifacts_load_without_it(fitted: PatchCore) -> None:
+    state = fitted.state_dict()
+    assert torch.equal(state["bank_source"], fitted.bank_source)
+    old = _model(coreset_ratio=0.25)
+    old.load_state_dict({k: v for k, v in state.items() if k != "bank_source"})
+    assert old.bank_source is None and old.training_scores(_batches(_images(2))) is None
+    torch.testing.assert_close(old.predict(_images(1)).scores, fitted.predict(_images(1)).scores)
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         ({"score": "mean"}, "model.score"),
-        ({"aggregation": "sum"}, "model.aggregation must be recipe or concat"),
+        ({"aggregation": "sum"}, "model.aggregation must be one of official, mean, concat"),
         ({"border": "wrap"}, "border must be one of reflect, mirror"),
         ({"coreset_ratio": 0.0}, "coreset_ratio"),
         ({"coreset_ratio": 1.5}, "coreset_ratio"),
@@ -246,6 +380,11 @@ def test_config_errors_name_the_setting(overrides: dict, match: str) -> None:
         _model(**overrides)
 
 
+def test_config_old_recipe_name_loads_as_mean() -> None:
+    model = _model(aggregation="recipe")
+    assert model.config.aggregation == "mean" and model.embedder.aggregation == "mean"
+
+
 def test_config_unknown_layer_lists_valid_ones() -> None:
     with pytest.raises(BackboneError, match="layer5.*Valid layers"):
         _model(layers=["layer2", "layer5"])
@@ -259,3 +398,20 @@ def test_predict_before_fit_and_bad_state_raise() -> None:
         model.state_dict()
     with pytest.raises(ArtifactError, match="memory_bank"):
         model.load_state_dict({"memory_bank": torch.zeros(4, 7), "grid": torch.tensor([8, 8])})
+
+
+# 32: each 64 px image is 4 tiles, 4 "images" to the model
+@pytest.mark.parametrize("tiles", [0, pytest.param(32, marks=pytest.mark.slow)])
+def test_train_threshold_from_leave_one_out_scores(tmp_path: Path, tiles: int) -> None:
+    from hamacho.engine import load_run, train
+
+    tiny_mvtec = make_synthetic_dataset(tmp_path / "d", n_train=12, n_test_good=2, size=64)
+    sets = [f"model.{k}={v}" for k, v in TINY.items()]
+    sets += ["data.image_size=64", "data.crop_size=null", f"tiler.tile_size={tiles}"]
+    run = train("patchcore", tiny_mvtec, overrides=sets, output=tmp_path / "run")
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["holdout_images"] == 0 and summary["train_images"] == 12
+    assert summary["threshold"]["source"].endswith("each scored leave-one-out")
+    loaded = load_run(run)
+    sources = loaded.model.bank_source
+    assert int(sources.max()) < 12 * (4 if tiles else 1) and len(sources.unique()) > 12 // 2

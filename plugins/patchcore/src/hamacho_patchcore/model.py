@@ -12,11 +12,13 @@ import torch
 
 from hamacho import Components, Model, Prediction
 from hamacho.errors import ArtifactError, ConfigError, DataError
+from hamacho_patchcore import loo
 from hamacho_patchcore.torch_model import PatchEmbedder, reweighted_scores
 
 log = logging.getLogger("hamacho.patchcore")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _LITE_LAYERS = ["blocks.2", "blocks.4"]  # EfficientNet-Lite stride 8 and 16: 28 x 28 at 224 px
+_AGGREGATIONS = ("official", "mean", "concat")
 
 
 @dataclass
@@ -27,7 +29,7 @@ class PatchCoreConfig:
     layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
     weights: str = "imagenet"
     patch_size: int = 3
-    aggregation: str = "recipe"  # recipe: per-layer pooling to embedding_dim | concat
+    aggregation: str = "official"  # official (the paper's code) | mean | concat
     pretrain_embed_dim: int = 1024
     embedding_dim: int = 1024
     coreset_ratio: float = 0.1
@@ -35,7 +37,10 @@ class PatchCoreConfig:
     projection_dim: int = 128
     score: str = "max"
     num_neighbors: int = 9
+    loo_candidates: int = 16  # leave-one-out: neighbours searched before same-image ones drop
     search: str = "auto"
+    search_candidates_dim: int = 256  # exact search via candidates from a PCA (0 = plain)
+    search_rerank: int = 32  # candidates re-ranked exactly in full dimension
     sigma: float = 4.0
     border: str = "reflect"  # blur border: reflect (scipy, the references) | mirror
     feature_dtype: str = "float16"  # patch features held during fit and the memory bank
@@ -46,8 +51,14 @@ class PatchCoreConfig:
 
 def _check(config: PatchCoreConfig) -> None:
     """Raise ConfigError naming the first setting that cannot work."""
-    if config.aggregation not in ("recipe", "concat"):
-        raise ConfigError(f"model.aggregation must be recipe or concat, got {config.aggregation!r}")
+    if config.aggregation == "recipe":  # its old name (artifacts saved before the rename)
+        log.warning("model.aggregation=recipe is now called 'mean'; loading it as mean")
+        config.aggregation = "mean"
+    if config.aggregation not in _AGGREGATIONS:
+        raise ConfigError(
+            f"model.aggregation must be one of {', '.join(_AGGREGATIONS)}, got "
+            f"{config.aggregation!r}"
+        )
     if config.score not in ("max", "paper"):
         raise ConfigError(f"model.score must be max or paper, got {config.score!r}")
     if config.feature_dtype not in _DTYPES:
@@ -61,13 +72,25 @@ def _check(config: PatchCoreConfig) -> None:
             f"model.patch_size must be an odd number >= 1 (it keeps the grid), got "
             f"{config.patch_size}"
         )
-    positive = ("pretrain_embed_dim", "embedding_dim", "projection_dim", "num_neighbors")
+    positive = (
+        "pretrain_embed_dim",
+        "embedding_dim",
+        "projection_dim",
+        "num_neighbors",
+        "loo_candidates",
+        "search_rerank",
+    )
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(config, key)}")
     if config.backbone_batch < 0:
         raise ConfigError(
             f"model.backbone_batch must be >= 0 (0 = whole batch), got {config.backbone_batch}"
+        )
+    if config.search_candidates_dim < 0:
+        raise ConfigError(
+            f"model.search_candidates_dim must be >= 0 (0 = plain search), got "
+            f"{config.search_candidates_dim}"
         )
     if config.max_bank_size < 0:
         raise ConfigError(
@@ -86,6 +109,11 @@ def _gather_rows(chunks: list[torch.Tensor], index: torch.Tensor) -> torch.Tenso
         start = int(ends[c]) - len(chunks[c])
         out[rows.to(out.device)] = chunks[c][(index[rows] - start).to(out.device)]
     return out
+
+
+def _owners(first: int, images: int, patches: int) -> torch.Tensor:
+    """(images * patches,) int32: the image index of each row of a (B, P, D) batch, flattened."""
+    return torch.arange(first, first + images, dtype=torch.int32).repeat_interleave(patches)
 
 
 class PatchCore(Model):
@@ -121,11 +149,16 @@ class PatchCore(Model):
             config.pretrain_embed_dim,
             config.embedding_dim,
             chunk=config.backbone_batch,
-            concat=config.aggregation == "concat",
+            aggregation=config.aggregation,
         )
-        self.search = components.search(backend=config.search)
+        self.search = components.search(
+            backend=config.search,
+            candidates_dim=config.search_candidates_dim,
+            rerank=config.search_rerank,
+        )
         self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
         self.bank: torch.Tensor | None = None  # (N, embedder.dim) in feature_dtype
+        self.bank_source: torch.Tensor | None = None  # (N,) int32: training image of each row
         self.grid: tuple[int, int] | None = None
         self.train_patches = 0
 
@@ -147,6 +180,8 @@ class PatchCore(Model):
         dtype = _DTYPES[self.config.feature_dtype]
         kept: list[torch.Tensor] = []  # (B*P, D) per batch, in feature_dtype
         projected: list[torch.Tensor] = []  # (B*P, projection_dim) float32 per batch
+        sources: list[torch.Tensor] = []  # (B*P,) int32 per batch: which image (tile) it is
+        images = 0
         for batch in train_loader:
             emb, self.grid = self.embedder(batch["image"].to(self.components.device))
             flat = emb.reshape(-1, emb.shape[-1])  # (B, P, D) -> (B*P, D)
@@ -154,6 +189,8 @@ class PatchCore(Model):
                 self._announce(train_loader, emb.shape[1], flat.shape[1])
             projected.append(sampler.project(flat))
             kept.append(flat.to(dtype))
+            sources.append(_owners(images, *emb.shape[:2]))
+            images += emb.shape[0]
             del emb, flat
         if not kept:
             raise DataError("PatchCore got no training images; check the train folder")
@@ -162,6 +199,7 @@ class PatchCore(Model):
         # gather the chosen rows batch by batch: concatenating all features first would hold
         # them twice (2 x 3.2 GB for 2,000 images with wide_resnet50_2)
         self.bank = _gather_rows(kept, index)
+        self.bank_source = torch.cat(sources)[index.cpu()]
         kept.clear()
         self.search.fit(self.bank)
         log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
@@ -211,6 +249,43 @@ class PatchCore(Model):
         maps = self.anomaly_map(patch_scores.reshape(b, *grid), tuple(images.shape[-2:]))
         return Prediction(scores=scores, maps=maps)
 
+    def training_scores(self, train_loader: Iterable[dict[str, Any]]) -> torch.Tensor | None:
+        """Leave-one-out image scores: each training image against the bank minus its own rows."""
+        if self.bank is None or self.bank_source is None:
+            return None  # an artifact saved before bank_source was kept
+        if bool((self.bank_source == self.bank_source[0]).all()):
+            return None  # one training image: there is no other image to score it against
+        scores, images = [], 0
+        for batch in train_loader:
+            emb, _ = self.embedder(batch["image"].to(self.components.device))
+            b, p, d = emb.shape
+            owner = _owners(images, b, p)
+            dist, idx = loo.nearest_other(
+                self.search,
+                self.bank,
+                self.bank_source,
+                emb.reshape(b * p, d),
+                owner,
+                self.config.loo_candidates,
+            )
+            patch_scores = dist.reshape(b, p)
+            if self.config.score == "paper":
+                scores.append(
+                    loo.reweighted_other(
+                        patch_scores,
+                        emb.cpu(),
+                        self.bank.cpu(),
+                        idx.reshape(b, p),
+                        self.bank_source,
+                        owner.reshape(b, p)[:, 0],
+                        self.config.num_neighbors,
+                    )
+                )
+            else:
+                scores.append(patch_scores.amax(dim=1))
+            images += b
+        return torch.cat(scores)
+
     def export_module(self) -> torch.nn.Module:
         """hamacho's export hook: normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w))."""
         from hamacho_patchcore.export import PatchCoreGraph
@@ -221,6 +296,8 @@ class PatchCore(Model):
         if self.bank is None:
             raise ConfigError("PatchCore has not been fitted; call fit before saving")
         state = {"memory_bank": self.bank, "grid": torch.tensor(self.grid)}
+        if self.bank_source is not None:
+            state["bank_source"] = self.bank_source
         state.update({f"search.{k}": v for k, v in self.search.state_dict().items() if k != "bank"})
         return state
 
@@ -234,6 +311,8 @@ class PatchCore(Model):
             )
         self.bank = bank.to(_DTYPES[self.config.feature_dtype])
         self.grid = tuple(int(v) for v in state["grid"]) if "grid" in state else None
+        source = state.get("bank_source")  # absent in artifacts saved before it was kept
+        self.bank_source = None if source is None else source.to(torch.int32)
         search_state = {
             k.removeprefix("search."): v for k, v in state.items() if k.startswith("search.")
         }
