@@ -125,8 +125,20 @@ def apply(config: Config, mapping: dict[str, Any], explicit: bool = False) -> No
 
 
 def from_dict(model_config_cls: type, data: dict[str, Any]) -> Config:
-    """Rebuild a saved config (e.g. from an artifact)."""
-    return resolve(model_config_cls, [data])
+    """Rebuild a saved config (e.g. from an artifact; older runs' settings are renamed)."""
+    return resolve(model_config_cls, [_upgrade(data)])
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Rename settings of runs saved before 0.1's rename: threshold.value -> percentile/sigma."""
+    threshold = data.get("threshold")
+    if not isinstance(threshold, dict) or "value" not in threshold:
+        return data
+    threshold = dict(threshold)
+    value = threshold.pop("value")
+    threshold["sigma" if threshold.get("method") == "sigma" else "percentile"] = value
+    threshold.setdefault("source", "holdout")  # what those runs did
+    return {**data, "threshold": threshold}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -101,7 +101,16 @@ class Model:
         Called after ``fit`` with the same images, unshuffled. Each image is scored as if it had
         not been in the fit (e.g. against a memory bank without that image's rows), so the
         engine sets the decision threshold without withholding any image. Return None (the
-        default) when the model cannot; the engine then holds ``threshold.holdout`` images out.
+        default) when the model cannot: the run then has no threshold. A model that does not
+        override this hook gets ``threshold.holdout`` images held out of its fit instead.
+        """
+        return None
+
+    def export_module(self) -> torch.nn.Module | None:
+        """Optional: a traceable module, normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w)).
+
+        ``hamacho export`` wraps it with the run's preprocessing into one ONNX graph; None (the
+        default) means the model does not support export.
         """
         return None
 

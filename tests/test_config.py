@@ -123,3 +123,11 @@ def test_resolve_checks_ranges_after_overrides():
 def test_threshold_settings_out_of_range(key, value, match):
     with pytest.raises(ConfigError, match=match):
         config.resolve(_ToyConfig, [], [{"threshold": {key: value}}])
+
+
+@pytest.mark.parametrize(("method", "key"), [("percentile", "percentile"), ("sigma", "sigma")])
+def test_from_dict_reads_runs_saved_with_threshold_value(method, key):
+    saved = {"threshold": {"method": method, "value": 2.5, "holdout": 0.1}}
+    cfg = config.from_dict(_ToyConfig, saved)
+    assert getattr(cfg.threshold, key) == 2.5 and cfg.threshold.source == "holdout"
+    assert saved["threshold"]["value"] == 2.5  # the saved mapping itself is left as it was

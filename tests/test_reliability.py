@@ -244,6 +244,7 @@ def test_train_replaces_the_whole_run_and_clears_leftovers(old_run, tiny_mvtec):
     (old_run / "notes.txt").write_text("mine")  # not hamacho's: carried over
     (old_run / "maps" / "good").mkdir(parents=True)
     (old_run / "maps" / "good" / "000.png").write_bytes(b"old")
+    (old_run / "model.onnx").write_bytes(b"the old model, exported")  # would score stale
     (old_run / ".model.safetensors.123.abcdef01.tmp").write_bytes(b"killed save")
     killed = old_run.parent / f".{old_run.name}.tmp-123-abcdef01"
     killed.mkdir()

@@ -15,12 +15,13 @@ __all__ = ["FORMATS", "export_run"]
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", output: str | Path | None = None) -> Path:
     """Write ``run_dir``'s model as ``fmt`` (default file RUN/model.onnx or RUN/model.xml)."""
-    from hamacho import engine
+    from hamacho import engine, rundir
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}. Valid: {', '.join(FORMATS)}")
     run = engine.load_run(run_dir)
     out = Path(output) if output else run.path / f"model{FORMATS[fmt]}"
+    rundir.check_folder(out.parent, "export", "Choose a writable --output file")
     graph = build_graph(run)
     props = metadata(run)
     if fmt == "onnx":

@@ -38,7 +38,8 @@ def build_graph(run: Run) -> InferenceGraph:
     """The run's model wrapped for export; UsageError when the model has no export hook."""
     name = run.metadata.get("model", type(run.model).__name__)
     hook = getattr(run.model, "export_module", None)
-    if hook is None:
+    module = hook() if callable(hook) else None
+    if module is None:
         raise UsageError(
             f"model {name!r} does not support export (its plugin has no export_module hook); "
             "score it with `hamacho predict --runtime torch`"
@@ -48,7 +49,7 @@ def build_graph(run: Run) -> InferenceGraph:
             f"run '{run.path}' tiles its images (tiler.tile_size set), which export does not "
             "support yet; train without tiling to export"
         )
-    return InferenceGraph(run_preprocess(run), hook()).eval()
+    return InferenceGraph(run_preprocess(run), module).eval()
 
 
 def metadata(run: Run) -> dict[str, str]:

@@ -23,6 +23,13 @@ from hamacho.errors import ArtifactError, BackboneError, ConfigError
 TINY = {"backbone": "resnet18", "weights": "none", "pretrain_embed_dim": 64, "embedding_dim": 32}
 
 
+def test_approximate_search_backends_build_without_pca_candidates():
+    pytest.importorskip("faiss")
+    for backend in ("faiss_hnsw", "faiss_ivfpq"):
+        assert _model(search=backend).search.candidates_dim == 0  # they cannot be certified
+    assert _model(aggregation="official").search.candidates_dim == 256
+
+
 def _model(**overrides: object) -> PatchCore:
     cfg = config_mod.resolve(
         PatchCoreConfig, [{"model": {**TINY, **overrides}, "run": {"device": "cpu"}}]

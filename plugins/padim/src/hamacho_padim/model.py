@@ -264,7 +264,8 @@ class Padim(Model):
             # leave-one-out scores need S itself when n <= d (see loo_mahalanobis): a copy is
             # kept until training_scores when it fits, else inverse overwrites the scatter
             need = memory_needed(*cov.shape[:2])
-            self._covariance = cov.clone() if 2 * need <= available_memory() else None
+            keep_copy = stats.count <= cov.shape[-1] and 2 * need <= available_memory()
+            self._covariance = cov.clone() if keep_copy else None
             self.precision = invert_spd_(cov)
         self.mean, self.n_train = stats.mean, stats.count
         log.info(

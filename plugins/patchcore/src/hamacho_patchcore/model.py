@@ -19,6 +19,7 @@ log = logging.getLogger("hamacho.patchcore")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _LITE_LAYERS = ["blocks.2", "blocks.4"]  # EfficientNet-Lite stride 8 and 16: 28 x 28 at 224 px
 _AGGREGATIONS = ("official", "mean", "concat")
+_APPROXIMATE = ("faiss_ivfpq", "faiss_hnsw")  # search backends that are not exact
 
 
 @dataclass
@@ -153,7 +154,8 @@ class PatchCore(Model):
         )
         self.search = components.search(
             backend=config.search,
-            candidates_dim=config.search_candidates_dim,
+            # PCA candidates certify exact answers on top of an exact backend only
+            candidates_dim=0 if config.search in _APPROXIMATE else config.search_candidates_dim,
             rerank=config.search_rerank,
         )
         self.anomaly_map = components.anomaly_map(sigma=config.sigma, border=config.border)
