@@ -80,9 +80,9 @@ def _finite_threshold(_ctx: click.Context, _param: click.Parameter, value: float
 
 
 def _positive_timeout(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise UsageError(f"--timeout {value} must be a number of seconds > 0; omit it for no limit")
-    return value
+    from hamacho.benchmark.grid import check_timeout
+
+    return check_timeout(value, "--timeout")
 
 
 _RUN_OPTION = click.option(

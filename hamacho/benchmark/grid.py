@@ -83,6 +83,16 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """Seconds per cell (None: no limit); ConfigError unless a number > 0."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} {value!r} must be a number of seconds > 0; omit it for no limit")
+    return float(value)
+
+
 def make_grid(
     models: Any = None,
     backbones: Any = None,
@@ -113,13 +123,7 @@ def make_grid(
         seed_list = [int(s) for s in (_as_list(seeds) or _as_list(raw.get("seeds")) or [0])]
     except ValueError:
         raise ConfigError(f"seeds must be whole numbers, e.g. --seeds 0,1; got {seeds!r}") from None
-    limit = timeout if timeout is not None else raw.get("timeout")
-    if limit is not None:
-        ok = isinstance(limit, (int, float)) and not isinstance(limit, bool)
-        if not ok or not math.isfinite(limit) or limit <= 0:
-            raise ConfigError(
-                f"timeout {limit!r} must be a number of seconds > 0; omit it for no limit"
-            )
+    limit = check_timeout(timeout if timeout is not None else raw.get("timeout"))
     return Grid(
         models=names,
         backbones=specs,
@@ -127,7 +131,7 @@ def make_grid(
         output=Path(out),
         seeds=seed_list,
         overrides=[str(s) for s in _as_list_keep(raw.get("set"))] + list(overrides),
-        timeout=None if limit is None else float(limit),
+        timeout=limit,
         maps=bool(maps if maps is not None else raw.get("maps", False)),
     )
 

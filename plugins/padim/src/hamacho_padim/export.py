@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from hamacho_padim.model import chosen_features
 
 
 class PadimGraph(nn.Module):
@@ -33,24 +34,9 @@ class PadimGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a normalised batch."""
         feats = list(self.aggregator(images).values())
-        grid = feats[0].shape[-2:]
-        parts = []
-        for i, feat in enumerate(feats):
-            pick = getattr(self, f"pick{i}")
-            if not pick.numel():
-                continue
-            part = feat if pick.numel() == feat.shape[1] else feat.index_select(1, pick)
-            if self.projected:  # project before upsampling: nearest only copies cells
-                part = torch.einsum("bchw,cd->bdhw", part, getattr(self, f"rows{i}"))
-            if part.shape[-2:] != grid:
-                part = F.interpolate(part, size=grid, mode="nearest")
-            parts.append(part)
-        if self.projected:  # W^T x = the sum of each layer's rows times its features
-            emb = parts[0]
-            for part in parts[1:]:
-                emb = emb + part
-        else:
-            emb = torch.cat(parts, dim=1)
+        picks = [getattr(self, f"pick{i}") for i in range(self.layers)]
+        rows = [getattr(self, f"rows{i}") if self.projected else None for i in range(self.layers)]
+        emb = chosen_features(feats, picks, rows)  # (N, d, h, w), as Padim._embed_chunk
         x = emb.flatten(2).permute(2, 0, 1)  # (P, N, d)
         delta = x - self.mean[:, None]  # (P, N, d)
         dist = (torch.bmm(delta, self.precision) * delta).sum(dim=2)  # (P, N)

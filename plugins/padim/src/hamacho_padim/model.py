@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +105,35 @@ def check_memory(positions: int, n_features: int, available: int | None = None) 
     return need
 
 
+def chosen_features(
+    feats: list[torch.Tensor],
+    picks: Sequence[torch.Tensor],
+    rows: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """Layer maps [(b, C_l, h_l, w_l)] -> (b, d, h, w) on the first grid: the modelled features.
+
+    ``picks`` are each layer's chosen channels; ``rows`` each layer's rows of the orthogonal
+    projection (all None without one). Used by predict, fit and the exported graph alike.
+    """
+    grid = feats[0].shape[-2:]
+    parts = []
+    for feat, idx, layer_rows in zip(feats, picks, rows, strict=True):
+        if idx.numel():
+            # select first: upsample d, not all, channels
+            part = feat if idx.numel() == feat.shape[1] else feat.index_select(1, idx)
+            if layer_rows is not None:  # project before upsampling: nearest only copies cells
+                part = torch.einsum("bchw,cd->bdhw", part, layer_rows)
+            if part.shape[-2:] != grid:
+                part = F.interpolate(part, size=grid, mode="nearest")
+            parts.append(part)
+    if rows and rows[0] is not None:  # W^T x = the sum of each layer's rows times its features
+        emb = parts[0]
+        for part in parts[1:]:
+            emb = emb + part
+        return emb
+    return torch.cat(parts, dim=1)
+
+
 class Padim(Model):
     """PaDiM (Defard et al., ICPR 2020)."""
 
@@ -196,23 +225,7 @@ class Padim(Model):
     def _embed_chunk(self, images: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) -> (b, d, P): chosen channels, deeper layers nearest-upsampled."""
         feats = list(self.aggregator(images).values())
-        grid = feats[0].shape[-2:]
-        parts = []
-        for feat, idx, rows in zip(feats, self._per_layer, self._rows, strict=True):
-            if idx.numel():
-                # select first: upsample d, not all, channels
-                part = feat if idx.numel() == feat.shape[1] else feat.index_select(1, idx)
-                if rows is not None:  # project before upsampling: nearest only copies cells
-                    part = torch.einsum("bchw,cd->bdhw", part, rows)
-                if part.shape[-2:] != grid:
-                    part = F.interpolate(part, size=grid, mode="nearest")
-                parts.append(part)
-        if self.projection is not None:  # W^T x = the sum of each layer's rows times its features
-            emb = parts[0]
-            for part in parts[1:]:
-                emb = emb + part
-            return emb.flatten(2)
-        return torch.cat(parts, dim=1).flatten(2)
+        return chosen_features(feats, self._per_layer, self._rows).flatten(2)
 
     def _map_operators(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, h) and (w, W) matrices with map = rows @ patch @ cols, from the map generator.
