@@ -17,6 +17,7 @@ from hamacho.components import data
 from hamacho.errors import DataError
 from hamacho.export.runtimes import Backend, open_backend
 from hamacho.preprocess import Preprocess
+from hamacho.runtime import decide
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 __all__ = ["Detector", "ImageInput", "Result", "load", "train"]
@@ -56,12 +57,17 @@ class Detector:
     ) -> Result | list[Result]:
         """Score one image (-> Result) or a list of them (-> list, scored in batches)."""
         if isinstance(images, (list, tuple)):
-            pixels = [as_uint8(image) for image in images]
+            pixels = [as_uint8(image, self._max_pixels) for image in images]
             out: list[Result] = []
             for start in range(0, len(pixels), max(1, batch_size)):
                 out.extend(self._score(pixels[start : start + batch_size]))
             return out
-        return self._score([as_uint8(cast(ImageInput, images))])[0]
+        return self._score([as_uint8(cast(ImageInput, images), self._max_pixels)])[0]
+
+    @property
+    def _max_pixels(self) -> int:
+        """The run's decompression-bomb guard (data.max_pixels), as train/test/predict use it."""
+        return int(self.backend.config["data"].get("max_pixels", data.MAX_PIXELS))
 
     def _score(self, pixels: list[torch.Tensor]) -> list[Result]:
         scores, maps = self.backend.score(pixels)
@@ -69,7 +75,7 @@ class Detector:
         return [
             Result(
                 score=float(score),
-                is_anomalous=None if limit is None else bool(float(score) >= limit),
+                is_anomalous=decide(float(score), limit),
                 threshold=limit,
                 map=to_original(amap, tuple(image.shape[:2]), self.backend.preprocess),
             )
@@ -77,10 +83,10 @@ class Detector:
         ]
 
 
-def as_uint8(image: ImageInput) -> torch.Tensor:
+def as_uint8(image: ImageInput, max_pixels: int = data.MAX_PIXELS) -> torch.Tensor:
     """Any supported image input -> (H, W, 3) uint8 RGB tensor, decoded as hamacho decodes."""
     if isinstance(image, (str, Path)):
-        return data.pil_to_uint8(data.read_image(image))
+        return data.pil_to_uint8(data.read_image(image, max_pixels))
     if isinstance(image, Image.Image):
         return data.pil_to_uint8(image)
     if isinstance(image, np.ndarray):

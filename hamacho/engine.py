@@ -38,6 +38,7 @@ from hamacho.plugins import ModelEntry, get_registry
 from hamacho.runtime import (
     Run,
     batch_loader,
+    decide,
     make_tiler,
     peak_rss_mb,
     per_image_max,
@@ -412,7 +413,7 @@ def predict(
             finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
             row = {"path": str(path), "score": round(value, 6) if finite else None}
             row["threshold"] = limit
-            row["is_anomalous"] = None if limit is None or not finite else bool(value >= limit)
+            row["is_anomalous"] = decide(value, limit)
             if maps_dir:
                 image = backend.preprocess.pixels(pixels[None])[0].permute(1, 2, 0)
                 panel = visualize.overlay_panel(image.byte().numpy(), maps[i], None, limit)

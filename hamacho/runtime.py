@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from collections.abc import Iterator
@@ -89,6 +90,13 @@ def predict_batch(net: Model, images: torch.Tensor, tiler: Tiler | None = None) 
 def per_image_max(tile_scores: torch.Tensor, n_images: int) -> torch.Tensor:
     """Tile scores (N*T,) -> image scores (N,): an image is as anomalous as its worst tile."""
     return tile_scores.reshape(n_images, -1).amax(dim=1)
+
+
+def decide(score: float, threshold: float | None) -> bool | None:
+    """The verdict on one score: None without a threshold or for a non-finite score."""
+    if threshold is None or not math.isfinite(score):
+        return None
+    return bool(score >= threshold)
 
 
 def to_uint8(images: torch.Tensor, mean: Any, std: Any) -> list[np.ndarray]:

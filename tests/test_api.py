@@ -116,3 +116,28 @@ def test_load_errors_name_the_fix(detector, tmp_path):
         hamacho.load(detector.source, runtime="onnx")
     with pytest.raises(ArtifactError, match="hamacho train"):
         hamacho.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("score", "threshold", "verdict"),
+    [(2.0, 1.0, True), (1.0, 1.0, True), (0.5, 1.0, False), (2.0, None, None)]
+    + [(float(v), 1.0, None) for v in ("nan", "inf", "-inf")],
+)
+def test_one_verdict_rule_for_the_cli_and_the_api(score, threshold, verdict):
+    from hamacho.runtime import decide
+
+    assert decide(score, threshold) is verdict  # engine.predict and Detector both use it
+
+
+def test_predict_honours_the_runs_max_pixels(tiny_mvtec, tmp_path):
+    out = tmp_path / "small-limit"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HAMACHO_OFFLINE", "1")
+        det = hamacho.train(
+            "patchcore", data=tiny_mvtec, output=out, overrides={**FAST, "data.max_pixels": 4096}
+        )
+    big = tmp_path / "big.png"
+    Image.new("RGB", (80, 80)).save(big)  # 6,400 pixels > the run's 4,096
+    with pytest.raises(DataError, match="data.max_pixels=4,096"):
+        det.predict(big)
+    assert det.predict(str(_file(tiny_mvtec))).score > 0  # 64 x 64 = 4,096: allowed
