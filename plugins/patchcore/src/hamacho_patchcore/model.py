@@ -258,6 +258,8 @@ class PatchCore(Model):
         if bool((self.bank_source == self.bank_source[0]).all()):
             return None  # one training image: there is no other image to score it against
         scores, images = [], 0
+        # the paper's re-weighting reads the bank in float32 on the CPU: convert it once
+        paper_bank = self.bank.cpu().float() if self.config.score == "paper" else None
         for batch in train_loader:
             emb, _ = self.embedder(batch["image"].to(self.components.device))
             b, p, d = emb.shape
@@ -271,12 +273,12 @@ class PatchCore(Model):
                 self.config.loo_candidates,
             )
             patch_scores = dist.reshape(b, p)
-            if self.config.score == "paper":
+            if paper_bank is not None:
                 scores.append(
                     loo.reweighted_other(
                         patch_scores,
                         emb.cpu(),
-                        self.bank.cpu(),
+                        paper_bank,
                         idx.reshape(b, p),
                         self.bank_source,
                         owner.reshape(b, p)[:, 0],
