@@ -36,6 +36,7 @@ from hamacho.evaluation import evaluate
 from hamacho.model import Components, Model
 from hamacho.plugins import ModelEntry, get_registry
 from hamacho.runtime import (
+    Batches,
     Run,
     batch_loader,
     decide,
@@ -44,7 +45,6 @@ from hamacho.runtime import (
     per_image_max,
     predict_batch,
     progress_bar,
-    tiled,
     to_uint8,
     write_json,
 )
@@ -180,7 +180,7 @@ def _fit_and_save(
     loader = batch_loader(fit_samples, cfg, mean, std)
     echo(f"training {model} on {len(loader.dataset)} images from {root}")
     start = time.perf_counter()
-    net.fit(progress_bar(tiled(loader, tiler), progress, "fit"))
+    net.fit(Batches(loader, tiler, cfg.data.output_size, progress, "fit"))
     fit_seconds = time.perf_counter() - start
     if loo:
         threshold = _loo_threshold(net, loader, cfg, tiler, progress)
@@ -260,7 +260,8 @@ def _holdout_threshold(
 def _loo_threshold(
     net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool
 ) -> dict[str, Any] | None:
-    scores = net.training_scores(progress_bar(tiled(loader, tiler), progress, "threshold"))
+    batches = Batches(loader, tiler, cfg.data.output_size, progress, "threshold")
+    scores = net.training_scores(batches)
     if scores is None:
         return None
     if tiler is not None:

@@ -53,23 +53,29 @@ def batch_loader(samples: list[data.Sample], cfg: Config, mean: Any, std: Any) -
     return data.make_loader(dataset, cfg.data.batch_size, num_workers=cfg.data.num_workers)
 
 
-class _TiledBatches:
-    """A loader whose batches' images are cut into tiles (the model sees tiles as images)."""
+class Batches:
+    """The batches ``fit`` and ``training_scores`` iterate: a loader's, cut into tiles when the
+    run tiles, behind a progress bar when asked.
 
-    def __init__(self, loader: Any, tiler: Tiler) -> None:
-        self.loader, self.tiler, self.dataset = loader, tiler, loader.dataset
+    ``len()`` is the number of batches and ``num_images`` the images one pass yields (tiles
+    when tiling), so a model can size its work before the first batch (the plugin contract).
+    """
+
+    def __init__(
+        self, loader: Any, tiler: Tiler | None, size: int, progress: bool = False, desc: str = ""
+    ) -> None:
+        self.loader, self.tiler, self.progress, self.desc = loader, tiler, progress, desc
+        per_image = 1 if tiler is None else tiler.num_tiles((size, size))
+        self.num_images = len(loader.dataset) * per_image
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            yield {**batch, "image": self.tiler.tile(batch["image"])}
-
-
-def tiled(loader: Any, tiler: Tiler | None) -> Any:
-    """``loader`` with its images cut into tiles, or unchanged when there is no tiler."""
-    return loader if tiler is None else _TiledBatches(loader, tiler)
+        for batch in progress_bar(self.loader, self.progress, self.desc):
+            if self.tiler is not None:
+                batch = {**batch, "image": self.tiler.tile(batch["image"])}
+            yield batch
 
 
 def make_tiler(cfg: Config) -> Tiler | None:

@@ -23,6 +23,7 @@ _OPTIONS = {
     "torch": ("chunk_mb", "bank_block"),
 }
 _ROWS = 65536  # rows converted to float32 at a time when feeding faiss
+_NORM_ROWS = 4096  # rows converted to float32 at a time for the bank's norms
 _BANK_BLOCK = 1024  # bank rows per score tile of the torch backend
 
 
@@ -58,6 +59,11 @@ def _float32_chunks(x: torch.Tensor):
         yield start, chunk.numpy()
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32: itself when it already is, else a converted copy."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _ivfpq_defaults(n: int, d: int) -> dict[str, int]:
     # faiss wants >= 39 training points per centroid; PQ needs >= 2**nbits points.
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
@@ -76,6 +82,7 @@ def _pca(bank: torch.Tensor, dim: int, rows: int = 8192) -> tuple[torch.Tensor, 
     if len(bank) > rows:
         pick = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:rows]
         bank = bank[pick.to(bank.device)]
+    bank = bank.float()
     mean = bank.mean(0)
     centred = bank - mean
     _, vectors = torch.linalg.eigh((centred.T @ centred).double())  # ascending eigenvalues
@@ -123,7 +130,9 @@ class NearestNeighbourSearch:
         self._faiss = None if self.backend == "torch" else _import_faiss(self.backend)
         self._index: Any = None
         self._gpu_res: Any = None
-        self._bank: torch.Tensor | None = None  # kept where the index cannot give it back
+        # kept where the index cannot give it back; torch: the fitted tensor itself (float16 or
+        # float32, not copied when already on the device), read in float32 blocks
+        self._bank: torch.Tensor | None = None
         self._bank_sq: torch.Tensor | None = None
         self._shape: tuple[int, int] | None = None
 
@@ -138,7 +147,7 @@ class NearestNeighbourSearch:
         return self._faiss
 
     def _fitted_bank(self) -> torch.Tensor:
-        """The float32 bank kept by the torch and faiss_ivfpq backends once fitted."""
+        """The bank kept by the torch (its dtype) and faiss_ivfpq (float32) backends."""
         if self._bank is None:
             raise HamachoError(
                 f"search backend '{self.backend}' holds no bank: call fit(bank) or "
@@ -182,13 +191,13 @@ class NearestNeighbourSearch:
         return self
 
     def _fit_torch(self, bank: torch.Tensor) -> None:
-        n, d = bank.shape
-        self._bank = torch.empty((n, d), dtype=torch.float32, device=self.device)
-        self._bank_sq = torch.empty(n, dtype=torch.float32, device=self.device)
-        for start in range(0, n, _ROWS):
-            chunk = self._bank[start : start + _ROWS]
-            chunk.copy_(bank[start : start + _ROWS])
-            torch.linalg.vector_norm(chunk, dim=1, out=self._bank_sq[start : start + _ROWS])
+        """Keep ``bank`` itself (one copy in memory: no float32 twin) and its squared norms."""
+        dtype = bank.dtype if bank.dtype in (torch.float16, torch.float32) else torch.float32
+        self._bank = bank.detach().to(self.device, dtype).contiguous()
+        self._bank_sq = torch.empty(len(bank), dtype=torch.float32, device=self.device)
+        for start in range(0, len(bank), _NORM_ROWS):
+            rows = _float32(self._bank[start : start + _NORM_ROWS])
+            torch.linalg.vector_norm(rows, dim=1, out=self._bank_sq[start : start + _NORM_ROWS])
         self._bank_sq.square_()
 
     def _fit_projected(self, pca: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -287,7 +296,7 @@ class NearestNeighbourSearch:
         for s in range(0, len(queries), step):
             q = queries[s : s + step].to(self.device, torch.float32)
             c = cand[s : s + step].to(self.device)
-            exact = (bank[c] - q[:, None]).square_().sum(-1)  # (m, kk) squared distances
+            exact = (_float32(bank[c]) - q[:, None]).square_().sum(-1)  # (m, kk) squared
             d_, order = exact.topk(k, dim=1, largest=False, sorted=True)
             dist[s : s + step], idx[s : s + step] = d_.cpu(), c.gather(1, order).cpu()
         # float32 rounding of the PCA distances is ~1e-6 of the squared norms: keep a margin
@@ -315,7 +324,8 @@ class NearestNeighbourSearch:
         def block_top(q: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Top-k of bank rows [bs, bs + nb) for query rows q, as (scores, bank indices)."""
             # ||b||^2 - 2 q.b : (mq, nb); ||q||^2 is constant per row, added after top-k
-            scores = torch.addmm(bank_sq[bs : bs + nb], q, bank[bs : bs + nb].T, alpha=-2)
+            block = _float32(bank[bs : bs + nb])  # a float16 bank is widened block by block
+            scores = torch.addmm(bank_sq[bs : bs + nb], q, block.T, alpha=-2)
             kk = min(k, scores.shape[1])
             if kk == 1:
                 d_, i_ = scores.min(dim=1, keepdim=True)
@@ -365,7 +375,7 @@ class NearestNeighbourSearch:
         bank = self._fitted_bank()
         for start in range(0, len(cand), 4096):  # bounds the (m, kk, D) gather
             q = queries[start : start + 4096].detach().to("cpu", torch.float32)
-            vecs = bank[cand[start : start + 4096].clamp_min(0)]  # (m, kk, D)
+            vecs = _float32(bank[cand[start : start + 4096].clamp_min(0)])  # (m, kk, D)
             exact[start : start + 4096] = (vecs - q[:, None, :]).square_().sum(-1)
         exact.masked_fill_(cand < 0, math.inf)  # faiss pads with -1 when lists hold < kk vectors
         dist, order = exact.topk(k, dim=1, largest=False)

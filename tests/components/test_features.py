@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from hamacho.components.features import NetworkFeatureAggregator
+from hamacho.components.features import NetworkFeatureAggregator, map_chunks, resize_maps
 from hamacho.errors import BackboneError, DataError
 
 
@@ -129,3 +130,39 @@ def test_aggregator_falls_back_to_hooks_when_fx_fails() -> None:
 def test_aggregator_rejects_bad_input(resnet18: NetworkFeatureAggregator) -> None:
     with pytest.raises(DataError, match=r"\(B, 3, H, W\)"):
         resnet18(torch.randn(3, 64, 64))
+
+
+def test_map_chunks_equals_one_call_and_runs_the_backbone_per_chunk(
+    resnet18: NetworkFeatureAggregator,
+) -> None:
+    images = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(len(x))
+        return resnet18(x)
+
+    def embed(maps: list[torch.Tensor]) -> torch.Tensor:  # (b, C2 + C3) per image
+        return torch.cat([m.mean((2, 3)) for m in maps], dim=1)
+
+    whole, grid = map_chunks(counted, images, embed)
+    chunked, grid3 = map_chunks(counted, images, embed, chunk=3)
+    assert calls == [7, 3, 3, 1] and grid == grid3 == (8, 8)  # layer2's grid: stride 8
+    assert chunked.shape == whole.shape == (7, 384)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_maps_to_a_grid_bilinear_and_nearest() -> None:
+    g = torch.Generator().manual_seed(0)
+    first, deeper = torch.randn(2, 5, 12, 10, generator=g), torch.randn(2, 4, 5, 3, generator=g)
+    same, bilinear = resize_maps([first, deeper], first.shape[-2:], "bilinear")
+    assert same is first  # already on the grid: untouched
+    want = F.interpolate(deeper, size=(12, 10), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear, want, atol=1e-6, rtol=1e-6)
+    (nearest,) = resize_maps([deeper], (12, 10), "nearest")
+    assert torch.equal(nearest, F.interpolate(deeper, size=(12, 10), mode="nearest"))
+
+
+def test_aggregator_normalization_is_the_backbones(resnet18: NetworkFeatureAggregator) -> None:
+    mean, std = resnet18.normalization()
+    assert mean == tuple(resnet18.mean) and std == tuple(resnet18.std) and len(mean) == 3

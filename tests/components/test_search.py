@@ -217,3 +217,20 @@ def test_search_candidates_skipped_for_narrow_banks_and_need_exact_backend():
         NearestNeighbourSearch("faiss_hnsw", candidates_dim=32)
     with pytest.raises(ConfigError, match="candidates_dim must be >= 0"):
         NearestNeighbourSearch("torch", candidates_dim=-1)
+
+
+@pytest.mark.parametrize("candidates_dim", [0, 8])
+def test_search_torch_keeps_a_float16_bank_itself_and_answers_as_float32(candidates_dim):
+    """One copy of the bank in memory: the fitted tensor, read in float32 blocks."""
+    bank, queries = _data(n=1000)
+    bank16 = bank.half()
+    half = NearestNeighbourSearch("torch", candidates_dim=candidates_dim, bank_block=64)
+    wide = NearestNeighbourSearch("torch", candidates_dim=candidates_dim, bank_block=64)
+    half.fit(bank16)
+    wide.fit(bank16.float())
+    assert half._fitted_bank().data_ptr() == bank16.data_ptr()  # referenced, not copied
+    got, want = half.search(queries, k=3), wide.search(queries, k=3)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    loaded = NearestNeighbourSearch("torch", candidates_dim=candidates_dim)
+    loaded.load_state_dict({**half.state_dict(), "bank": bank16})
+    assert loaded._fitted_bank().data_ptr() == bank16.data_ptr()

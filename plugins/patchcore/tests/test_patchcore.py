@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,8 @@ def test_state_dict_round_trip_identical(fitted: PatchCore, tmp_path: Path) -> N
     first, second = fitted.predict(test), loaded.predict(test)
     assert torch.equal(first.scores, second.scores) and torch.equal(first.maps, second.maps)
     assert torch.equal(loaded.bank, fitted.bank) and loaded.grid == fitted.grid
+    for model in (fitted, loaded):  # the bank is held once: the search reads the model's tensor
+        assert model.search._fitted_bank().data_ptr() == model.bank.data_ptr()
 
 
 def test_predict_defect_scores_higher_with_imagenet_lite0(tmp_path: Path) -> None:
@@ -422,3 +425,20 @@ def test_train_threshold_from_leave_one_out_scores(tmp_path: Path, tiles: int) -
     loaded = load_run(run)
     sources = loaded.model.bank_source
     assert int(sources.max()) < 12 * (4 if tiles else 1) and len(sources.unique()) > 12 // 2
+
+
+@pytest.mark.parametrize(("progress", "tiles"), [(False, 0), (True, 32)])
+def test_train_logs_memory_held_during_fit_behind_a_bar_and_per_tile(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, progress: bool, tiles: int
+) -> None:
+    from hamacho.engine import train
+
+    tiny = make_synthetic_dataset(tmp_path / "d", n_train=5, n_test_good=1, size=64)
+    sets = [f"model.{k}={v}" for k, v in TINY.items()]
+    sets += ["data.image_size=64", "data.crop_size=null", f"tiler.tile_size={tiles}"]
+    with caplog.at_level(logging.INFO, logger="hamacho.patchcore"):
+        train("patchcore", tiny, overrides=sets, output=tmp_path / "run", progress=progress)
+    (line,) = [r.getMessage() for r in caplog.records if "held during fit" in r.getMessage()]
+    inputs = 5 * (4 if tiles else 1)  # a 64 px image is 2 x 2 tiles of 32 px
+    patches = (4 if tiles else 8) ** 2  # resnet18 layer2: stride 8
+    assert line.startswith(f"PatchCore: {inputs} images x {patches} patches = {inputs * patches} ")

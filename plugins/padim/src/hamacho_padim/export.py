@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hamacho.components.features import map_chunks
 from hamacho_padim.model import chosen_features
 
 
@@ -33,11 +34,13 @@ class PadimGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a normalised batch."""
-        feats = list(self.aggregator(images).values())
         picks = [getattr(self, f"pick{i}") for i in range(self.layers)]
         rows = [getattr(self, f"rows{i}") if self.projected else None for i in range(self.layers)]
-        emb = chosen_features(feats, picks, rows)  # (N, d, h, w), as Padim._embed_chunk
-        x = emb.flatten(2).permute(2, 0, 1)  # (P, N, d)
+        # one backbone call for the whole batch (chunk 0: no loop over a dynamic batch size)
+        emb, _ = map_chunks(
+            self.aggregator, images, lambda feats: chosen_features(feats, picks, rows).flatten(2)
+        )  # (N, d, P), as Padim._embed_chunk
+        x = emb.permute(2, 0, 1)  # (P, N, d)
         delta = x - self.mean[:, None]  # (P, N, d)
         dist = (torch.bmm(delta, self.precision) * delta).sum(dim=2)  # (P, N)
         patch = dist.clamp(min=0).sqrt().T.reshape(-1, *self.grid)  # (N, h, w)

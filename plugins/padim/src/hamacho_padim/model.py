@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from hamacho import Components, Model, Prediction
+from hamacho.components.features import map_chunks, resize_maps
 from hamacho.errors import ArtifactError, ConfigError, DataError, ResourceError
 from hamacho_padim.gaussian import (
     GaussianAccumulator,
@@ -31,7 +31,9 @@ from hamacho_padim.selection import (
 
 __all__ = ["GaussianAccumulator", "Padim", "PadimConfig", "default_n_features", "mahalanobis"]
 log = logging.getLogger("hamacho.padim")  # under "hamacho" so the CLI shows it
-_CPU_CHUNK = 8  # images per backbone forward on CPU
+# images per backbone forward on a CPU: a 32-image batch of lite0 holds ~350 MB of activations
+# at 224 px, which sets the peak RSS of the whole fit
+_CPU_CHUNK = 8
 _STATE_KEYS = ("mean", "precision", "channels", "grid")  # + "projection" (selection orthogonal)
 _LITE_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # EfficientNet-Lite stride 4, 8 and 16
 
@@ -115,7 +117,6 @@ def chosen_features(
     ``picks`` are each layer's chosen channels; ``rows`` each layer's rows of the orthogonal
     projection (all None without one). Used by predict, fit and the exported graph alike.
     """
-    grid = feats[0].shape[-2:]
     parts = []
     for feat, idx, layer_rows in zip(feats, picks, rows, strict=True):
         if idx.numel():
@@ -123,9 +124,8 @@ def chosen_features(
             part = feat if idx.numel() == feat.shape[1] else feat.index_select(1, idx)
             if layer_rows is not None:  # project before upsampling: nearest only copies cells
                 part = torch.einsum("bchw,cd->bdhw", part, layer_rows)
-            if part.shape[-2:] != grid:
-                part = F.interpolate(part, size=grid, mode="nearest")
             parts.append(part)
+    parts = resize_maps(parts, feats[0].shape[-2:], "nearest")
     if rows and rows[0] is not None:  # W^T x = the sum of each layer's rows times its features
         emb = parts[0]
         for part in parts[1:]:
@@ -155,6 +155,7 @@ class Padim(Model):
         self.aggregator = components.feature_aggregator(
             config.backbone, config.layers, weights=config.weights, bf16=config.bf16
         )
+        self._chunk = _CPU_CHUNK if components.device.type == "cpu" else 0  # 0: whole batch
         self._dims = self.aggregator.feature_dimensions()
         total = sum(self._dims)
         if config.n_features > total:
@@ -206,7 +207,7 @@ class Padim(Model):
         return int(self.channels.numel() if self.projection is None else self.projection.shape[1])
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return tuple(self.aggregator.mean), tuple(self.aggregator.std)
+        return self.aggregator.normalization()
 
     def _grid_for(self, image_shape: tuple[int, ...]) -> tuple[int, int]:
         _, h, w = self.aggregator.feature_shapes(image_shape)[self.aggregator.layers[0]]
@@ -214,17 +215,12 @@ class Padim(Model):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (P, B, d) contiguous: the modelled features at each first-layer cell."""
-        # On CPU the backbone runs a few images at a time: a 32-image batch of lite0 holds ~350 MB
-        # of activations at 224 px, which sets the peak RSS of the whole fit.
-        step = _CPU_CHUNK if self.components.device.type == "cpu" else len(images)
-        chunks = [self._embed_chunk(images[i : i + step]) for i in range(0, len(images), step)]
-        emb = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # (B, d, P)
+        emb, _ = map_chunks(self.aggregator, images, self._embed_chunk, self._chunk)  # (B, d, P)
         # positions outermost and contiguous: bmm over positions is ~10x slower on strided input
         return emb.permute(2, 0, 1).contiguous()
 
-    def _embed_chunk(self, images: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) -> (b, d, P): chosen channels, deeper layers nearest-upsampled."""
-        feats = list(self.aggregator(images).values())
+    def _embed_chunk(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Layer maps of b images -> (b, d, P): chosen channels, deeper layers nearest-upsampled."""
         return chosen_features(feats, self._per_layer, self._rows).flatten(2)
 
     def _map_operators(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

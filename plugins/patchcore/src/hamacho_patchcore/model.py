@@ -165,7 +165,7 @@ class PatchCore(Model):
         self.train_patches = 0
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return tuple(self.aggregator.mean), tuple(self.aggregator.std)
+        return self.aggregator.normalization()
 
     def _sampler(self) -> Any:
         cfg = self.config
@@ -207,10 +207,13 @@ class PatchCore(Model):
         log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
 
     def _announce(self, loader: Any, patches: int, dim: int) -> None:
-        try:
-            n_images = len(loader.dataset)
-        except (AttributeError, TypeError):
-            return
+        """Log the features a fit holds, from the images (tiles) the loader says it yields."""
+        n_images = getattr(loader, "num_images", None)  # the engine's Batches: tiles counted
+        if n_images is None:  # a plain DataLoader, as a Python caller may pass
+            try:
+                n_images = len(loader.dataset)
+            except (AttributeError, TypeError):
+                return
         total = n_images * patches
         rows = max(1, math.ceil(total * self.config.coreset_ratio))
         if self.config.max_bank_size:
@@ -240,8 +243,8 @@ class PatchCore(Model):
         if self.config.score == "paper":
             scores = reweighted_scores(
                 patch_scores,
-                emb.cpu(),
-                self.bank.cpu(),
+                emb,
+                self.bank,  # read where it lives: never copied per batch
                 idx.reshape(b, p),
                 self.search,
                 self.config.num_neighbors,
@@ -313,7 +316,8 @@ class PatchCore(Model):
                 f"PatchCore memory_bank is {got}, expected (N, {self.embedder.dim}) for this "
                 "backbone/layers/embedding_dim; load it with the config it was trained with"
             )
-        self.bank = bank.to(_DTYPES[self.config.feature_dtype])
+        # on the run's device in feature_dtype: the search keeps this tensor itself, not a copy
+        self.bank = bank.to(self.components.device, _DTYPES[self.config.feature_dtype])
         self.grid = tuple(int(v) for v in state["grid"]) if "grid" in state else None
         source = state.get("bank_source")  # absent in artifacts saved before it was kept
         self.bank_source = None if source is None else source.to(torch.int32)
