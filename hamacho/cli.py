@@ -205,10 +205,10 @@ def predict(
     runtime: str,
 ) -> None:
     """Score images (files, folders, globs): one JSON line per image."""
-    from hamacho import engine
+    from hamacho import predicting
 
     failed = 0
-    for row in engine.predict(run_dir, inputs, maps_dir, threshold, batch_size, runtime):
+    for row in predicting.predict(run_dir, inputs, maps_dir, threshold, batch_size, runtime):
         if "error" in row:
             failed += 1
             click.echo(f"error: {row['path']}: {row['error']}", err=True)

@@ -1,13 +1,11 @@
-"""The train / test / predict flows behind the CLI (usable from Python too)."""
+"""The train / test flows behind the CLI (usable from Python too); predict is in predicting.py."""
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
-import glob
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import yaml
 import hamacho
 from hamacho import config as config_mod
 from hamacho import rundir
-from hamacho.components import artifact, data, metrics, synthetic, visualize
+from hamacho.components import artifact, data, metrics, synthetic
 from hamacho.components.features import NetworkFeatureAggregator
 from hamacho.components.maps import AnomalyMapGenerator
 from hamacho.components.sampling import CoresetSampler
@@ -28,18 +26,18 @@ from hamacho.config import Config
 from hamacho.errors import (
     ArtifactError,
     ConfigError,
-    DataError,
     UnknownModelError,
     WeightsUnavailableError,
 )
 from hamacho.evaluation import evaluate
 from hamacho.model import Components, Model
 from hamacho.plugins import ModelEntry, get_registry
+from hamacho.predicting import expand_inputs as expand_inputs  # moved; still importable here
+from hamacho.predicting import predict as predict
 from hamacho.runtime import (
     Batches,
     Run,
     batch_loader,
-    decide,
     make_tiler,
     peak_rss_mb,
     per_image_max,
@@ -366,102 +364,6 @@ def _test_run(
     with rundir.new_results(folder, _TEST_FIX) as staging:
         drawn = images if write_maps else None
         return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
-
-
-# -- predict ---------------------------------------------------------------------------------
-def expand_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
-    """Files, folders (recursively) and globs -> image paths; unmatched inputs yield None."""
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
-        elif path.exists():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True))
-        if not found:
-            yield item, None
-        for p in found:
-            yield item, p
-
-
-def predict(
-    run_dir: str | Path,
-    inputs: Iterable[str],
-    maps_dir: str | Path | None = None,
-    threshold: float | None = None,
-    batch_size: int = 16,
-    runtime: str = "torch",
-) -> Iterator[dict[str, Any]]:
-    """Score image files; yield one dict per image (an ``error`` key where it failed).
-
-    ``runtime`` torch scores with the run itself; onnx / openvino with its exported file.
-    """
-    from hamacho.export.runtimes import open_backend
-
-    if maps_dir:
-        rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
-    backend = open_backend(run_dir, runtime)
-    limit = backend.threshold if threshold is None else threshold
-    max_pixels = backend.config["data"].get("max_pixels", data.MAX_PIXELS)
-    pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images
-    used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
-
-    def flush() -> Iterator[dict[str, Any]]:
-        scores, maps = backend.score([t for _, t in pending])  # maps at the crop size
-        for i, (path, pixels) in enumerate(pending):
-            value = float(scores[i])
-            finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
-            row = {"path": str(path), "score": round(value, 6) if finite else None}
-            row["threshold"] = limit
-            row["is_anomalous"] = decide(value, limit)
-            if maps_dir:
-                image = backend.preprocess.pixels(pixels[None])[0].permute(1, 2, 0)
-                panel = visualize.overlay_panel(image.byte().numpy(), maps[i], None, limit)
-                out = Path(maps_dir) / _unique_name(path, used)
-                visualize.save_png(out, panel)
-                row["map"] = str(out)
-            yield row
-        pending.clear()
-
-    for item, path in expand_inputs(inputs):
-        if path is None:
-            yield {"path": item, "error": _nothing_found(item)}
-            continue
-        try:
-            tensor = data.pil_to_uint8(data.read_image(path, max_pixels))
-        except DataError as exc:
-            yield {"path": str(path), "error": str(exc)}
-            continue
-        pending.append((path, tensor))
-        if len(pending) >= batch_size:
-            yield from flush()
-    if pending:
-        yield from flush()
-
-
-def _nothing_found(item: str) -> str:
-    if Path(item).is_dir():
-        kinds = ", ".join(sorted(data.IMAGE_EXTENSIONS))
-        return f"folder contains no images (looked for {kinds}, in subfolders too)"
-    return "no such file, folder or matching image"
-
-
-def _unique_name(path: Path, used: set[str]) -> str:
-    """``stem.png``, or ``parent_stem.png`` (then a counter) when that name is already taken.
-
-    Both parts go through data.safe_name, so the map always lands inside ``--maps``.
-    """
-    stem = data.safe_name(path.stem)
-    name = f"{stem}.png"
-    if name in used:
-        name = f"{data.safe_name(path.parent.name)}_{stem}.png"
-    base, n = name, 1
-    while name in used:
-        n += 1
-        name = f"{base[:-4]}_{n}.png"
-    used.add(name)
-    return name
 
 
 def list_models() -> list[dict[str, str]]:

@@ -87,6 +87,10 @@ class Preprocess(nn.Module):
         x = torch.clamp(torch.floor(x @ across.T + 0.5), 0, 255)  # (N, 3, H, c)
         return torch.clamp(torch.floor(down @ x + 0.5), 0, 255).to(torch.float32)  # (N, 3, c, c)
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, c, c) pixel values 0..255 from ``pixels`` -> the model's normalised input."""
+        return pixels * self.scale + self.shift
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Resize, crop and normalise a uint8 batch."""
-        return self.pixels(images) * self.scale + self.shift
+        return self.normalize(self.pixels(images))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hamacho import Model, Prediction, engine, hookimpl
+from hamacho import Model, Prediction, engine, hookimpl, predicting
 from hamacho.model import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 16
@@ -108,7 +108,7 @@ def test_predict_flags_exactly_the_images_at_or_above_the_threshold(channels, cr
     assert threshold == pytest.approx(_normalised_green(TRAIN_G), abs=1e-5)
     engine.test(run, write_maps=False)
     scores = {r["path"]: r for r in csv.DictReader((run / "scores.csv").open())}
-    rows = list(engine.predict(run, [str(crafted / "test")]))
+    rows = list(predicting.predict(run, [str(crafted / "test")]))
     assert len(rows) == len(GOOD_G) + len(DEFECT_G) == len(scores)
     flagged = sorted(round(r["score"], 3) for r in rows if r["is_anomalous"])
     expected = [_normalised_green(g) for g in (*GOOD_G, *DEFECT_G) if g > TRAIN_G]

@@ -100,6 +100,10 @@ def test_onnxruntime_on_decoded_uint8_scores_like_hamacho(exported, tiny_mvtec):
     assert ((got_s >= limit) == (want_s >= limit)).all()
     batch_s, _ = session.run(["score", "map"], {"image": np.stack(images[:3])})  # N dynamic
     np.testing.assert_allclose(batch_s, got_s[:3], rtol=1e-5)
+    # predict --maps draws the same resized crops whichever runtime scored them
+    _, _, want_px = torch_backend.score_with_pixels([as_uint8(i) for i in images[:3]])
+    _, _, got_px = open_backend(path, "onnx").score_with_pixels([as_uint8(i) for i in images[:3]])
+    assert want_px.dtype == np.uint8 and np.array_equal(got_px, want_px)
 
 
 def _lines(output: str) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hamacho import engine, report
+from hamacho import engine, predicting, report
 
 from .conftest import FAST
 
@@ -166,6 +166,25 @@ def test_report_renders_in_headless_chromium(tested, tmp_path):
 def test_predict_maps_keep_same_named_images_apart(tested, tiny_mvtec, tmp_path):
     run_dir, _ = tested
     inputs = [str(tiny_mvtec / "test" / kind / "000.png") for kind in ("good", "hole")]
-    rows = list(engine.predict(run_dir, inputs, maps_dir=tmp_path / "maps"))
+    rows = list(predicting.predict(run_dir, inputs, maps_dir=tmp_path / "maps"))
     assert [Path(r["map"]).name for r in rows] == ["000.png", "hole_000.png"]
     assert all(Path(r["map"]).exists() for r in rows)
+
+
+def test_predict_map_panel_shows_each_image_resized_and_cropped_once(tested, tiny_mvtec, tmp_path):
+    from PIL import Image
+
+    from hamacho.api import as_uint8
+    from hamacho.export.runtimes import open_backend
+
+    run_dir, _ = tested
+    image = tiny_mvtec / "test" / "hole" / "000.png"
+    (row,) = predicting.predict(run_dir, [str(image)], maps_dir=tmp_path / "maps")
+    panel = np.asarray(Image.open(row["map"]).convert("RGB"))
+    preprocess = open_backend(run_dir).preprocess
+    crop = preprocess.pixels(as_uint8(image)[None])[0].permute(1, 2, 0).byte().numpy()
+    side = crop.shape[1]
+    assert panel.shape[0] == crop.shape[0] and panel.shape[1] % side == 0
+    assert np.array_equal(panel[:, :side], crop)  # the input panel: the model's crop, exactly
+    _, _, pixels = open_backend(run_dir).score_with_pixels([as_uint8(image)])
+    assert np.array_equal(pixels[0], crop)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hamacho import engine
+from hamacho import engine, predicting
 from hamacho.cli import main
 from hamacho.components.artifact import load_artifact, save_artifact
 from hamacho.errors import ArtifactError, one_line
@@ -227,14 +227,14 @@ def test_predict_json_lines_parse_strictly(trained, tmp_path):
 def test_predict_errors_do_not_suggest_skip_bad(trained, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    (rows,) = list(engine.predict(trained, [str(bad)]))
+    (rows,) = list(predicting.predict(trained, [str(bad)]))
     assert "cannot read image" in rows["error"] and "data.skip_bad" not in rows["error"]
 
 
 def test_predict_existing_folder_without_images_says_so(trained, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    rows = list(engine.predict(trained, [str(tmp_path / "empty"), str(tmp_path / "nope")]))
+    rows = list(predicting.predict(trained, [str(tmp_path / "empty"), str(tmp_path / "nope")]))
     assert rows[0]["error"].startswith("folder contains no images")
     assert rows[1]["error"] == "no such file, folder or matching image"
 

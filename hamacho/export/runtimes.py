@@ -30,6 +30,17 @@ class Backend:
         """Scores (N,) and maps (N, c, c) float32 for decoded images of any sizes."""
         raise NotImplementedError
 
+    def score_with_pixels(
+        self, images: list[torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``score`` plus the (N, c, c, 3) uint8 resized and cropped images the maps align with."""
+        scores, maps = self.score(images)  # the exported graph resizes inside: pixels here
+        return scores, maps, np.stack([self._pixels(image) for image in images])
+
+    def _pixels(self, image: torch.Tensor) -> np.ndarray:
+        """(H, W, 3) uint8 -> (c, c, 3) uint8 after the run's resize and crop."""
+        return self.preprocess.pixels(image[None])[0].permute(1, 2, 0).byte().numpy()
+
 
 class TorchBackend(Backend):
     """A run directory scored by its torch model, through the engine's predict_batch."""
@@ -44,12 +55,24 @@ class TorchBackend(Backend):
         self.preprocess = run_preprocess(self.run)
 
     def score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps, _ = self._score(images)
+        return scores, maps
+
+    def score_with_pixels(
+        self, images: list[torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``score`` plus the resized, cropped uint8 images: each image is resized once."""
+        scores, maps, pixels = self._score(images)
+        return scores, maps, pixels.permute(0, 2, 3, 1).byte().numpy()
+
+    def _score(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         from hamacho.runtime import predict_batch
 
-        with torch.no_grad():  # images of different sizes: each preprocessed on its own
-            batch = torch.cat([self.preprocess(image[None]) for image in images])
+        with torch.no_grad():  # images of different sizes: each resized and cropped on its own
+            pixels = torch.cat([self.preprocess.pixels(image[None]) for image in images])
+            batch = self.preprocess.normalize(pixels)
         pred = predict_batch(self.run.model, batch, self.run.tiler)
-        return pred.scores.float().cpu().numpy(), pred.maps.float().cpu().numpy()
+        return pred.scores.float().cpu().numpy(), pred.maps.float().cpu().numpy(), pixels
 
 
 class _ExportedBackend(Backend):

@@ -1,0 +1,116 @@
+"""The predict flow behind ``hamacho predict``: score image files, optionally draw their maps."""
+
+from __future__ import annotations
+
+import glob
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hamacho import rundir
+from hamacho.components import data, visualize
+from hamacho.errors import DataError
+from hamacho.runtime import decide
+
+
+def expand_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
+    """Files, folders (recursively) and globs -> image paths; unmatched inputs yield None."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True))
+        if not found:
+            yield item, None
+        for p in found:
+            yield item, p
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: Iterable[str],
+    maps_dir: str | Path | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    runtime: str = "torch",
+) -> Iterator[dict[str, Any]]:
+    """Score image files; yield one dict per image (an ``error`` key where it failed).
+
+    ``runtime`` torch scores with the run itself; onnx / openvino with its exported file.
+    """
+    from hamacho.export.runtimes import open_backend
+
+    if maps_dir:
+        rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
+    folder = Path(maps_dir) if maps_dir else None
+    backend = open_backend(run_dir, runtime)
+    limit = backend.threshold if threshold is None else threshold
+    max_pixels = backend.config["data"].get("max_pixels", data.MAX_PIXELS)
+    pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images
+    used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
+
+    def flush() -> Iterator[dict[str, Any]]:
+        images = [t for _, t in pending]
+        crops = None
+        if folder is not None:  # with the resized, cropped pixels the maps align with
+            scores, maps, crops = backend.score_with_pixels(images)
+        else:
+            scores, maps = backend.score(images)  # maps at the crop size
+        for i, (path, _) in enumerate(pending):
+            value = float(scores[i])
+            finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
+            row = {"path": str(path), "score": round(value, 6) if finite else None}
+            row["threshold"] = limit
+            row["is_anomalous"] = decide(value, limit)
+            if folder is not None and crops is not None:
+                panel = visualize.overlay_panel(crops[i], maps[i], None, limit)
+                out = folder / _unique_name(path, used)
+                visualize.save_png(out, panel)
+                row["map"] = str(out)
+            yield row
+        pending.clear()
+
+    for item, path in expand_inputs(inputs):
+        if path is None:
+            yield {"path": item, "error": _nothing_found(item)}
+            continue
+        try:
+            tensor = data.pil_to_uint8(data.read_image(path, max_pixels))
+        except DataError as exc:
+            yield {"path": str(path), "error": str(exc)}
+            continue
+        pending.append((path, tensor))
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _nothing_found(item: str) -> str:
+    if Path(item).is_dir():
+        kinds = ", ".join(sorted(data.IMAGE_EXTENSIONS))
+        return f"folder contains no images (looked for {kinds}, in subfolders too)"
+    return "no such file, folder or matching image"
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """``stem.png``, or ``parent_stem.png`` (then a counter) when that name is already taken.
+
+    Both parts go through data.safe_name, so the map always lands inside ``--maps``.
+    """
+    stem = data.safe_name(path.stem)
+    name = f"{stem}.png"
+    if name in used:
+        name = f"{data.safe_name(path.parent.name)}_{stem}.png"
+    base, n = name, 1
+    while name in used:
+        n += 1
+        name = f"{base[:-4]}_{n}.png"
+    used.add(name)
+    return name
