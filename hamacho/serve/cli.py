@@ -14,7 +14,7 @@ import click
 from hamacho.errors import UsageError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_NEEDS = ("fastapi", "uvicorn", "prometheus_client", "multipart")
+_NEEDS = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
 
 
 def require_extra() -> None:
