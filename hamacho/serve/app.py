@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from hamacho.serve.inputs import ServeError, decode, overlay_png, result_row, up
 from hamacho.serve.metrics import Metrics
 from hamacho.serve.page import PAGE
 
+_log = logging.getLogger("hamacho.serve")
 _KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="--api-key")
 _UPLOAD_DOC = {
     "requestBody": {
@@ -120,6 +122,7 @@ def create_app(
         try:
             response = await call_next(request)
         except Exception:
+            _log.exception("%s %s failed", request.method, request.url.path)
             response = JSONResponse({"error": "internal error; see the server log"}, 500)
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
@@ -161,6 +164,7 @@ def create_app(
                 *(asyncio.wrap_future(batcher.submit(im)) for im in images)
             )
         except Exception as exc:
+            _log.exception("model %s failed", name)
             raise ServeError(500, f"scoring failed: {one_line(exc)}") from exc
         rows = [result_row(f.filename, r) for f, r in zip(files, results, strict=True)]
         if maps:
