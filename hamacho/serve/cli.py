@@ -70,7 +70,9 @@ def parse_runs(items: tuple[str, ...]) -> dict[str, str]:
     "--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20.0,
     show_default=True, help="Largest request body accepted.",
 )  # fmt: skip
+@click.pass_context
 def serve(
+    ctx: click.Context,
     runs: tuple[str, ...],
     host: str,
     port: int,
@@ -92,13 +94,16 @@ def serve(
         start = time.perf_counter()
         detectors[name] = hamacho.load(path, runtime)
         seconds[name] = time.perf_counter() - start
-        click.echo(f"loaded {name}: {detectors[name]!r} in {seconds[name]:.1f} s", err=True)
+        if not ctx.meta.get("hamacho.quiet"):
+            click.echo(f"loaded {name}: {detectors[name]!r} in {seconds[name]:.1f} s", err=True)
     settings = Settings(max_batch, max_wait_ms, api_key or None, int(max_upload_mb * 2**20))
     app = create_app(detectors, settings, seconds)
     # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully; this handler
     # receives it, so the process exits 0 rather than dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False))
+    level = "warning" if ctx.meta.get("hamacho.quiet") else "info"
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=level)
+    server = uvicorn.Server(config)
     server.run()
     if not server.started:  # e.g. the port is taken: uvicorn has logged why
         sys.exit(1)
