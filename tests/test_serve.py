@@ -307,6 +307,9 @@ def test_run_names_and_their_errors(tmp_path):
         "bottle": "results/patchcore/bottle",
         "b": "runs/x",
     }
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert list(parse_runs((f"{tmp_path}/link/",))) == ["link"]  # the name given, not resolved
     with pytest.raises(UsageError, match="pass --run NAME=runs/a=b"):  # a path, not a name
         parse_runs(("runs/a=b",))
     with pytest.raises(UsageError, match="two runs are named 'x'"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import signal
 import sys
@@ -34,7 +35,7 @@ def parse_runs(items: tuple[str, ...]) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not _NAME.fullmatch(name):
-            name, path = Path(item).resolve().name, item
+            name, path = Path(os.path.abspath(item)).name, item  # lexical: symlinks keep names
         if not _NAME.fullmatch(name):
             raise UsageError(f"cannot serve '{item}' under a URL-safe name: pass --run NAME={item}")
         if name in runs:
