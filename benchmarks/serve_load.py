@@ -142,6 +142,12 @@ def direct(run: str, paths: list[Path], n: int) -> dict[str, Any]:
     return {"rps": n / timing["wall"], "latencies": latencies, "errors": 0, "batch": 1.0}
 
 
+def _medians(reps: list[dict[str, Any]]) -> tuple[float, float]:
+    """(median requests/s, median p50 ms) over the repeats."""
+    p50 = statistics.median(percentile(r["latencies"], 50) * 1000 for r in reps)
+    return statistics.median(r["rps"] for r in reps), p50
+
+
 def row(label: str, clients: int | str, reps: list[dict[str, Any]], n: int) -> str:
     """One markdown row: medians over the repeats, requests/s with its [min-max] spread."""
     rps = [r["rps"] for r in reps]
@@ -175,9 +181,11 @@ def main() -> None:
         raise SystemExit(f"no images under {args.images}")
     n = args.requests
     print(f"# {len(paths)} images from {args.images}; load average {os.getloadavg()}")
-    lines = ["| mode | clients | requests | req/s median [min-max] | p50 ms | p95 ms | p99 ms "
-             "| errors | mean batch |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines.append(row("direct API", 1, [direct(args.run, paths, n) for _ in range(args.repeats)], n))
+    print("| mode | clients | requests | req/s median [min-max] | p50 ms | p95 ms | p99 ms "
+          "| errors | mean batch |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    reps = [direct(args.run, paths, n) for _ in range(args.repeats)]
+    print(row("direct API", 1, reps, n), flush=True)
+    medians = {"direct": _medians(reps)}
     good = [(p.name, p.read_bytes(), True) for p in paths]
     server_args = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     proc, url = start_server(args.python, args.run, server_args)
@@ -185,7 +193,8 @@ def main() -> None:
         load(url, good, 1, 4)  # warm-up
         for clients in args.clients:
             reps = [load(url, good, clients, n) for _ in range(args.repeats)]
-            lines.append(row("HTTP", clients, reps, n))
+            print(row("HTTP", clients, reps, n), flush=True)
+            medians[clients] = _medians(reps)
         every = args.corrupt_every
         mixed = [
             (name, body[: len(body) // 2], False) if i % every == every - 1 else (name, body, True)
@@ -193,10 +202,17 @@ def main() -> None:
         ]
         clients = max(args.clients)
         reps = [load(url, mixed, clients, n) for _ in range(args.repeats)]
-        lines.append(row(f"HTTP, 1 in {every} corrupt", clients, reps, n))
+        print(row(f"HTTP, 1 in {every} corrupt", clients, reps, n))
         refused = sum(r["bad_refused"] for r in reps)
-        print("\n".join(lines))
-        print(f"\ncorrupt requests answered 400: {refused} of {sum(r['bad'] for r in reps)}; "
+        first = min(args.clients)
+        direct_p50, (one_rps, one_p50) = medians["direct"][1], medians[first]
+        overhead = 100 * (one_p50 / direct_p50 - 1)
+        print(
+            f"\nHTTP p50 at {first} client(s) vs direct: {one_p50:.0f} vs {direct_p50:.0f} ms "
+            f"({overhead:+.1f} %); requests/s at {clients} vs {first} client(s): "
+            f"{medians[clients][0] / one_rps:.2f}x"
+        )
+        print(f"corrupt requests answered 400: {refused} of {sum(r['bad'] for r in reps)}; "
               f"load average after {os.getloadavg()}")  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
