@@ -272,6 +272,7 @@ def test_openapi_docs(url):
     assert "multipart/form-data" in json.dumps(spec["paths"]["/v1/models/{name}/predict"])
 
 
+@pytest.mark.slow  # a second server process (its own model load)
 def test_api_key_and_graceful_sigterm(run_dir, tiny_mvtec, monkeypatch):
     good = _images(tiny_mvtec)[0].read_bytes()
     monkeypatch.setenv("HAMACHO_API_KEY", KEY)
