@@ -294,3 +294,8 @@ def benchmark(
     click.echo((grid.output / "results.md").read_text())
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)
+
+
+from hamacho.serve.cli import serve  # noqa: E402 (commands of their own subpackage)
+
+main.add_command(serve)

@@ -38,6 +38,14 @@ class DataError(HamachoError):
     """An image, mask or dataset folder cannot be used."""
 
 
+class NotAnImageError(DataError):
+    """A file is in no image format PIL recognises."""
+
+
+class TooManyPixelsError(DataError):
+    """An image has more pixels than data.max_pixels allows (a decompression-bomb guard)."""
+
+
 class BackboneError(HamachoError):
     """A backbone or one of its layers cannot be built."""
 

@@ -17,7 +17,14 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples, safe_name
-from hamacho.errors import ConfigError, DataError, HamachoError, one_line
+from hamacho.errors import (
+    ConfigError,
+    DataError,
+    HamachoError,
+    NotAnImageError,
+    TooManyPixelsError,
+    one_line,
+)
 from hamacho.preprocess import Preprocess, crop_offset
 
 __all__ = [  # discovery lives in datasets.py; re-exported so one import serves both
@@ -113,7 +120,7 @@ def _open(
         with Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise DataError(
+                raise TooManyPixelsError(
                     f"{what} '{path}' has {width}x{height} = {width * height:,} pixels, more than "
                     f"data.max_pixels={max_pixels:,} (a guard against decompression bombs). "
                     f"Downscale it, or raise data.max_pixels if it is genuine"
@@ -126,9 +133,11 @@ def _open(
     except FileNotFoundError:
         reason = "file does not exist"
     except UnidentifiedImageError:
-        reason = "not a recognised image format"
+        message = f"cannot read {what} '{path}': not a recognised image format. {hint}"
+        raise NotAnImageError(message) from None
     except Image.DecompressionBombError:  # PIL's own limit, twice ours by default
-        reason = f"more pixels than data.max_pixels={max_pixels:,} allows"
+        message = f"more pixels than data.max_pixels={max_pixels:,} allows"
+        raise TooManyPixelsError(f"cannot read {what} '{path}': {message}. {hint}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = one_line(exc)
     raise DataError(f"cannot read {what} '{path}': {reason}. {hint}")
