@@ -151,3 +151,25 @@ def test_executor_ray_without_ray_says_what_to_install(tiny_mvtec):
     proc = subprocess.run(argv, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --executor ray needs Ray: pip install 'hamacho[ray]'"
+
+
+def test_predict_output_jsonl_and_parquet_hold_the_stdout_rows(tiny_mvtec, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run = engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    args = ["predict", "--run", str(run), str(tiny_mvtec / "test"), str(tmp_path / "broken.png")]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 1  # one error row
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert len(rows) == 11 and sum("error" in r for r in rows) == 1
+    for name in ("rows.jsonl", "rows.parquet"):
+        result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / name)])
+        assert result.exit_code == 1 and result.stdout == ""
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    table = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    assert [{k: v for k, v in r.items() if v is not None} for r in table] == [
+        {k: v for k, v in r.items() if v is not None} for r in rows
+    ]
+    bad = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "rows.csv")])
+    assert bad.exit_code == 2 and "must end in .jsonl or .parquet" in bad.output
