@@ -154,7 +154,7 @@ Execute = Callable[[list[Cell], bool, "float | None", Echo], Iterator[tuple[int,
 
 
 def describe(i: int, cells: list[Cell]) -> str:
-    """``[2/4] padim resnet18@none widget seed 0``: cell ``i`` (from 0) for progress lines."""
+    """``[2/4] MODEL resnet18@none widget seed 0``: cell ``i`` (from 0) for progress lines."""
     cell = cells[i]
     return (
         f"[{i + 1}/{len(cells)}] {cell.model} {cell.backbone_label} {cell.dataset_name} "
