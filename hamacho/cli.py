@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from hamacho.errors import HamachoError, UsageError
+from hamacho.executors.cli import executor_options
 
 
 class _Group(click.Group):
@@ -127,7 +128,10 @@ def models(as_json: bool) -> None:
 @click.option(
     "--model", "-m", "model_name", required=True, help="Model name (see `hamacho models`)."
 )
-@click.option("--data", "data_dir", type=click.Path(), help="Dataset folder (default: built-in).")
+@click.option(
+    "--data", "data_dir", type=click.Path(), help="Dataset folder(s) (default: built-in)."
+)
+@click.argument("more_data", nargs=-1, type=click.Path(), metavar="[DIR]...")
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of overrides.")
 @click.option(
     "--set",
@@ -139,18 +143,29 @@ def models(as_json: bool) -> None:
 @click.option(
     "--output", "-o", type=click.Path(), help="Run directory (default results/MODEL/DATASET)."
 )
+@executor_options()
 @click.pass_context
 def train(
     ctx: click.Context,
     model_name: str,
     data_dir: str | None,
+    more_data: tuple[str, ...],
     config_file: str | None,
     overrides: tuple[str, ...],
     output: str | None,
+    **run_on: Any,
 ) -> None:
-    """Train a model on good images and save it."""
+    """Train a model on good images and save it (several --data: one run each)."""
     from hamacho import engine
 
+    if more_data or run_on["executor"] != "local":
+        from hamacho.executors import cli as on
+        from hamacho.executors import open_executor
+
+        datasets = [d for d in (data_dir, *more_data) if d]
+        jobs = on.train_jobs(model_name, datasets, config_file, overrides, output)
+        with open_executor(**run_on, progress=_progress(ctx)) as executor:
+            return on.train_all(executor, jobs, _echo(ctx))
     run_dir = engine.train(
         model_name,
         data_dir,
@@ -196,23 +211,28 @@ def test(ctx: click.Context, run_dir: str, data_dir: str | None, no_maps: bool) 
     show_default=True,
     help="Score with the run (torch) or its exported file (see `hamacho export`).",
 )
+@click.option("--output", "-o", type=click.Path(), help="Write rows to FILE.jsonl|.parquet.")
+@executor_options(cells=False, workers=True)
+@click.pass_context
 def predict(
+    ctx: click.Context,
     run_dir: str,
     inputs: tuple[str, ...],
     maps_dir: str | None,
     threshold: float | None,
     batch_size: int,
     runtime: str,
+    output: str | None,
+    **run_on: Any,
 ) -> None:
     """Score images (files, folders, globs): one JSON line per image."""
-    from hamacho import predicting
+    from hamacho.executors import cli as on
+    from hamacho.executors import open_executor
 
-    failed = 0
-    for row in predicting.predict(run_dir, inputs, maps_dir, threshold, batch_size, runtime):
-        if "error" in row:
-            failed += 1
-            click.echo(f"error: {row['path']}: {row['error']}", err=True)
-        click.echo(json.dumps(row))
+    with open_executor(**run_on, progress=_progress(ctx)) as executor:
+        options = {"maps_dir": maps_dir, "threshold": threshold, "batch_size": batch_size}
+        rows = executor.predict(run_dir, inputs, runtime=runtime, **options)
+        failed = on.emit_rows(rows, output, _echo(ctx), timed=executor.name == "ray")
     if failed:
         sys.exit(1)
 
@@ -262,6 +282,7 @@ def export(run_dir: str, fmt: str, output: str | None) -> None:
     help="Seconds per cell before it is stopped.",
 )
 @click.option("--maps/--no-maps", default=None, help="Write heat-map panels (default: no).")
+@executor_options()
 @click.pass_context
 def benchmark(
     ctx: click.Context,
@@ -275,9 +296,11 @@ def benchmark(
     output: str | None,
     timeout: float | None,
     maps: bool | None,
+    **run_on: Any,
 ) -> None:
     """Train and test every model x backbone x dataset x seed; tabulate and plot the results."""
     from hamacho import benchmark as bench
+    from hamacho.executors import open_executor
 
     grid = bench.make_grid(
         models,
@@ -290,7 +313,8 @@ def benchmark(
         maps,
         grid_file,
     )
-    rows = bench.run(grid, echo=_echo(ctx))
+    with open_executor(**run_on, progress=_progress(ctx)) as executor:
+        rows = bench.run(grid, echo=_echo(ctx), execute=executor.run_cells)
     click.echo((grid.output / "results.md").read_text())
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)

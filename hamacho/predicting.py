@@ -48,8 +48,19 @@ def predict(
 
     if maps_dir:
         rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
-    folder = Path(maps_dir) if maps_dir else None
     backend = open_backend(run_dir, runtime)
+    yield from score_inputs(backend, inputs, maps_dir, threshold, batch_size)
+
+
+def score_inputs(
+    backend: Any,
+    inputs: Iterable[str],
+    maps_dir: str | Path | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+) -> Iterator[dict[str, Any]]:
+    """``predict`` with a backend opened once (export.runtimes.open_backend), e.g. per worker."""
+    folder = Path(maps_dir) if maps_dir else None
     limit = backend.threshold if threshold is None else threshold
     max_pixels = backend.config["data"].get("max_pixels", data.MAX_PIXELS)
     pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def cell_main() -> None:
     """Child-process entry: train then test the cell whose cell.json is ``argv[1]``."""
     from hamacho import engine
 
+    _die_with_parent()
     spec = json.loads(Path(sys.argv[1]).read_text())["spec"]
     try:
         engine.train(spec["model"], spec["data"], None, spec["overrides"], spec["output"])
@@ -60,9 +62,9 @@ def run_cell(cell: Cell, maps: bool = False, timeout: float | None = None) -> di
     cell.directory.mkdir(parents=True, exist_ok=True)
     record_path = cell.directory / "cell.json"
     spec = _cell_spec(cell, maps)
-    previous = _read_json(record_path)
-    if (cell.directory / "metrics.json").exists() and previous.get("spec") == spec:
-        return _row(cell, previous, cached=True)
+    done = finished_row(cell, maps)
+    if done is not None:
+        return done
     for stale in ("metrics.json", "train.json"):
         (cell.directory / stale).unlink(missing_ok=True)
     record_path.write_text(json.dumps({"spec": spec, "status": "running"}, indent=2))
@@ -85,6 +87,33 @@ def run_cell(cell: Cell, maps: bool = False, timeout: float | None = None) -> di
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return _row(cell, record, cached=False)
+
+
+def finished_row(cell: Cell, maps: bool = False) -> dict[str, Any] | None:
+    """The cached row of a cell finished before with the same settings, else None."""
+    previous = _read_json(cell.directory / "cell.json")
+    if (cell.directory / "metrics.json").exists() and previous.get("spec") == _cell_spec(
+        cell, maps
+    ):
+        return _row(cell, previous, cached=True)
+    return None
+
+
+def failed_row(cell: Cell, error: str) -> dict[str, Any]:
+    """The row of a cell that could not run at all (e.g. its Ray worker was lost every try)."""
+    return _row(cell, {"status": "failed", "error": error}, cached=False)
+
+
+def _die_with_parent() -> None:
+    """In the cell's process: end with its parent, so a lost worker leaves no orphan behind
+    (a retried cell would find the run locked by it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            sys.exit(1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -121,24 +150,44 @@ def _row(cell: Cell, record: dict[str, Any], cached: bool) -> dict[str, Any]:
     }
 
 
-def run(grid: Grid, echo: Echo = lambda _msg: None) -> list[dict[str, Any]]:
-    """Run (or resume) every cell, then write results.csv, results.md and results.png."""
+Execute = Callable[[list[Cell], bool, "float | None", Echo], Iterator[tuple[int, dict[str, Any]]]]
+
+
+def describe(i: int, cells: list[Cell]) -> str:
+    """``[2/4] MODEL resnet18@none widget seed 0``: cell ``i`` (from 0) for progress lines."""
+    cell = cells[i]
+    return (
+        f"[{i + 1}/{len(cells)}] {cell.model} {cell.backbone_label} {cell.dataset_name} "
+        f"seed {cell.seed}"
+    )
+
+
+def run(
+    grid: Grid, echo: Echo = lambda _msg: None, execute: Execute | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) every cell, then write results.csv, results.md and results.png.
+
+    ``execute`` runs the cells and yields (index, row) as each ends; the default runs them one
+    after another on this machine (hamacho.executors.local), hamacho.executors.ray on Ray.
+    """
+    if execute is None:
+        from hamacho.executors.local import run_cells
+
+        execute = run_cells
     cells = plan(grid)
     grid.output.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, cell in enumerate(cells, 1):
-        what = f"[{i}/{len(cells)}] {cell.model} {cell.backbone_label} {cell.dataset_name} "
-        what += f"seed {cell.seed}"
-        echo(f"{what} ...")
-        row = run_cell(cell, grid.maps, grid.timeout)
-        rows.append(row)
+    rows: dict[int, dict[str, Any]] = {}
+    for i, row in execute(cells, grid.maps, grid.timeout, echo):
+        rows[i] = row
+        what = describe(i, cells)
         if row["status"] == "ok":
             done = "done before" if row["cached"] else f"{row['cell_seconds']} s"
             echo(f"{what}: image AUROC {row['image_auroc']}, {done}")
         else:
             echo(f"{what}: FAILED: {row['error']}")
-        write_results(grid.output, rows)  # partial results survive an interrupted benchmark
-    return rows
+        # partial results survive an interrupted benchmark; rows stay in the plan's order
+        write_results(grid.output, [rows[k] for k in sorted(rows)])
+    return [rows[k] for k in sorted(rows)]
 
 
 def write_results(output: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,175 @@
+"""--executor ray on a real two-node Ray cluster on 127.0.0.1 (one per module: it is slow to
+start), against the local executor: same benchmark rows, same predict rows, killed workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hamacho import engine
+from hamacho.cli import main
+
+from .conftest import FAST
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray: keep 127.0.0.1
+pytestmark = pytest.mark.slow
+TIMINGS = {"fit_seconds", "inference_ms_per_image", "peak_rss_mb", "cell_seconds"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node, one CPU each, small object stores, no dashboard."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    import ray
+
+    saved = dict(os.environ)
+    os.environ["HAMACHO_OFFLINE"] = "1"  # the nodes' workers inherit this
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+    head = {**node, "include_dashboard": False}
+    nodes = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
+    worker = nodes.add_node(**node)
+    ray.init(address=nodes.address, log_to_driver=False, logging_level="warning")
+    try:
+        yield nodes, worker
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((folder / "results.csv").open()))
+
+
+def test_ray_benchmark_rows_equal_local_and_resume(cluster, tiny_mvtec, tmp_path):
+    nodes, _ = cluster
+    sets = [arg for item in [*FAST, "model.n_features=16"] for arg in ("--set", item)]
+    args = ["benchmark", "--models", "padim", "--data", str(tiny_mvtec), *sets]
+    args += ["--backbones", "resnet18:layer9@none,resnet18@none"]  # layer9 does not exist
+    local = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "local")])
+    on_ray = [*args, "--output", str(tmp_path / "ray"), "--executor", "ray"]
+    on_ray += ["--ray-address", nodes.address]
+    remote = CliRunner().invoke(main, on_ray)
+    assert local.exit_code == remote.exit_code == 1  # the layer9 cell failed, the other ran
+    want, got = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    assert [r["status"] for r in got] == ["failed", "ok"]
+    for a, b in zip(want, got, strict=True):
+        same = set(a) - TIMINGS - {"run_dir"}
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+        assert b["run_dir"] == a["run_dir"].replace(str(tmp_path / "local"), str(tmp_path / "ray"))
+    assert (tmp_path / "ray" / "results.md").read_text().count("failed") >= 1
+    assert (tmp_path / "ray" / "results.png").stat().st_size > 0
+
+    again = CliRunner().invoke(main, on_ray)  # the finished cell is not run again
+    assert again.exit_code == 1
+    assert [(r["status"], r["cached"]) for r in _rows(tmp_path / "ray")] == [
+        ("failed", "False"),
+        ("ok", "True"),
+    ]
+
+
+def _scorer_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith(b"ray::") and b"_Scorer" in title:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_ray_predict_rows_equal_local_with_a_worker_killed(cluster, tiny_mvtec, tmp_path):
+    from hamacho.executors.ray import RayExecutor
+
+    run = engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
+    images = tmp_path / "images"
+    sources = sorted((tiny_mvtec / "test").rglob("*.png"))
+    for i in range(48):  # distinct files, so a duplicated or lost row shows
+        (images / f"{i % 4}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[i % len(sources)], images / f"{i % 4}" / f"{i:03d}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    inputs = [str(images), str(tmp_path / "missing.png")]
+    local = list(engine.predict(run, inputs, batch_size=2))
+
+    killed: list[int] = []
+    rows = []
+    with RayExecutor(workers=2) as executor:  # joins the module's cluster
+        for row in executor.predict(str(run), inputs, batch_size=2):
+            rows.append(row)
+            if len(rows) == 1:  # one of the two actors dies mid-job; Ray replaces it
+                killed = _scorer_pids()[:1]
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+    assert killed, "no Ray Data actor was running to kill"
+    assert len(rows) == len(local) == 50
+    by_path = {r["path"]: r for r in rows}
+    assert len(by_path) == 50  # each input exactly once
+    for want in local:
+        got = by_path[want["path"]]
+        assert set(got) == set(want)
+        if "score" in want:
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert {k: v for k, v in got.items() if k != "score"} == {
+            k: v for k, v in want.items() if k != "score"
+        }
+    assert sum("error" in r for r in rows) == 2  # the broken file and the missing path
+
+
+def test_ray_train_many_datasets_in_parallel(cluster, tiny_mvtec, tmp_path):
+    nodes, _ = cluster
+    second = shutil.copytree(tiny_mvtec, tmp_path / "gadget")
+    sets = [arg for item in [*FAST, "model.n_features=16"] for arg in ("--set", item)]
+    args = ["train", "--model", "padim", "--data", str(tiny_mvtec), str(second), *sets]
+    args += ["-o", str(tmp_path / "runs"), "--executor", "ray", "--ray-address", nodes.address]
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert time.perf_counter() - start < 120
+    folders = sorted(Path(line) for line in result.stdout.split())
+    assert folders == [tmp_path / "runs" / "gadget", tmp_path / "runs" / "widget"]
+    for folder in folders:
+        assert (folder / "model.safetensors").exists()
+        assert json.loads((folder / "train.json").read_text())["train_images"] == 12
+
+
+def test_executor_ray_without_ray_says_what_to_install(tiny_mvtec):
+    code = "import sys; sys.modules['ray'] = None; from hamacho.cli import main; main()"
+    argv = [sys.executable, "-c", code, "predict", "--run", "x", "y.png", "--executor", "ray"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --executor ray needs Ray: pip install 'hamacho[ray]'"
+
+
+def test_predict_output_jsonl_and_parquet_hold_the_stdout_rows(tiny_mvtec, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run = engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    args = ["predict", "--run", str(run), str(tiny_mvtec / "test"), str(tmp_path / "broken.png")]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 1  # one error row
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert len(rows) == 11 and sum("error" in r for r in rows) == 1
+    for name in ("rows.jsonl", "rows.parquet"):
+        result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / name)])
+        assert result.exit_code == 1 and result.stdout == ""
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    table = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    assert [{k: v for k, v in r.items() if v is not None} for r in table] == [
+        {k: v for k, v in r.items() if v is not None} for r in rows
+    ]
+    bad = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "rows.csv")])
+    assert bad.exit_code == 2 and "must end in .jsonl or .parquet" in bad.output
