@@ -294,3 +294,9 @@ def benchmark(
     click.echo((grid.output / "results.md").read_text())
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)
+
+
+from hamacho.grow.cli import merge, update  # noqa: E402  (their own subpackage)
+
+main.add_command(update)
+main.add_command(merge)

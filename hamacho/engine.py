@@ -183,10 +183,11 @@ def _fit_and_save(
     net.fit(progress_bar(tiled(loader, tiler), progress, "fit"))
     fit_seconds = time.perf_counter() - start
     if loo:
-        threshold = _loo_threshold(net, loader, cfg, tiler, progress)
+        threshold, good = _loo_threshold(net, loader, cfg, tiler, progress)
     else:
-        threshold = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
+        threshold, good = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
     info = net.info()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     metadata = {
         "model": model,
         "plugin": {"distribution": entry.distribution, "version": entry.version},
@@ -196,7 +197,10 @@ def _fit_and_save(
         "threshold": threshold,
         "dataset": str(root.resolve()),
         "info": info,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created,
+        # the threshold's good-image scores, so `hamacho update`/`merge` can pool them later
+        "good_scores": good_scores(good),
+        "history": [history_entry("train", root, len(loader.dataset), created)],
     }
     summary = {
         "model": model,
@@ -247,29 +251,53 @@ def _normalization(cfg: Config, net: Model) -> tuple[tuple[float, ...], tuple[fl
     return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
 
 
+Threshold = tuple[dict[str, Any] | None, torch.Tensor | None]  # (threshold, its good scores)
+
+
 def _holdout_threshold(
     net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any, tiler: Any
-) -> dict[str, Any] | None:
+) -> Threshold:
     if not held_out:
-        return None
+        return None, None
     loader = batch_loader(held_out, cfg, mean, std)
-    scores = [predict_batch(net, batch["image"], tiler).scores for batch in loader]
-    return _threshold(torch.cat(scores), cfg, f"{len(held_out)} held-out good training images")
+    scores = torch.cat([predict_batch(net, batch["image"], tiler).scores for batch in loader])
+    return threshold_from_scores(
+        scores, cfg, f"{len(held_out)} held-out good training images"
+    ), scores
 
 
-def _loo_threshold(
-    net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool
-) -> dict[str, Any] | None:
+def _loo_threshold(net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool) -> Threshold:
+    scores = loo_scores(net, loader, tiler, progress)
+    if scores is None:
+        return None, None
+    n = len(loader.dataset)
+    return threshold_from_scores(
+        scores, cfg, f"{n} good training images, each scored leave-one-out"
+    ), scores
+
+
+def loo_scores(net: Model, loader: Any, tiler: Any, progress: bool) -> torch.Tensor | None:
+    """``net.training_scores`` of ``loader``'s images, one per image (tiles: the worst tile)."""
     scores = net.training_scores(progress_bar(tiled(loader, tiler), progress, "threshold"))
+    if scores is not None and tiler is not None:
+        scores = per_image_max(scores.flatten(), len(loader.dataset))
+    return scores
+
+
+def good_scores(scores: torch.Tensor | None) -> list[float] | None:
+    """Scores as a JSON list (None stays None); non-finite ones are dropped."""
     if scores is None:
         return None
-    if tiler is not None:
-        scores = per_image_max(scores.flatten(), len(loader.dataset))
-    n = len(loader.dataset)
-    return _threshold(scores, cfg, f"{n} good training images, each scored leave-one-out")
+    return [round(float(v), 6) for v in scores.float().cpu().flatten() if math.isfinite(v)]
 
 
-def _threshold(scores: torch.Tensor, cfg: Config, source: str) -> dict[str, Any]:
+def history_entry(action: str, root: Path, images: int, when: str) -> dict[str, Any]:
+    """One line of a run's history: what was done with which dataset, how many images, when."""
+    return {"action": action, "dataset": str(root.resolve()), "images": images, "when": when}
+
+
+def threshold_from_scores(scores: torch.Tensor, cfg: Config, source: str) -> dict[str, Any]:
+    """The threshold dict (value, method, parameter, source) from good-image ``scores``."""
     values = scores.float().cpu().numpy()
     method = cfg.threshold.method
     parameter = cfg.threshold.percentile if method == "percentile" else cfg.threshold.sigma

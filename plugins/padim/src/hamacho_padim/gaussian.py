@@ -43,6 +43,27 @@ class GaussianAccumulator:
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
+    @classmethod
+    def restore(cls, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> GaussianAccumulator:
+        """An accumulator holding saved statistics, ready to ``update`` with more samples."""
+        stats = cls(0, 0, mean.device)
+        stats.count, stats.mean, stats.scatter = (
+            count,
+            mean.float().clone(),
+            scatter.float().clone(),
+        )
+        return stats
+
+    def merge_(self, other: GaussianAccumulator) -> None:
+        """Add another accumulator's samples (Chan et al.'s pairwise update, in float64)."""
+        n = self.count + other.count
+        delta = other.mean.double() - self.mean.double()  # (P, d)
+        scale = self.count * other.count / n
+        scatter = self.scatter.double() + other.scatter.to(self.scatter.device).double()
+        scatter.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=scale)
+        self.mean = (self.mean.double() + delta * (other.count / n)).float()
+        self.scatter, self.count = scatter.float(), n
+
     def keep_(self, channels: torch.Tensor) -> None:
         """Restrict the state to a subset of its dimensions (the statistics of those alone)."""
         idx = channels.to(self.mean.device)
