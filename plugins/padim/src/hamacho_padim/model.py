@@ -290,7 +290,7 @@ class Padim(Model):
         self.precision = invert_spd_(stats.covariance_(self.config.regularization))
         self.mean, self.n_train = stats.mean, stats.count
 
-    def _statistics(self, action: str) -> GaussianAccumulator:
+    def _statistics(self, action: str, copy: bool = True) -> GaussianAccumulator:
         """The fitted statistics as an accumulator; ArtifactError where they were not saved."""
         if self.mean is None or self.scatter is None:
             raise ArtifactError(
@@ -303,7 +303,7 @@ class Padim(Model):
                 f"a {action} cannot equal a refit. Retrain on all images, or use selection "
                 "random, orthogonal or all"
             )
-        return GaussianAccumulator.restore(self.n_train, self.mean, self.scatter)
+        return GaussianAccumulator.restore(self.n_train, self.mean, self.scatter, copy)
 
     def update(self, train_loader: Iterable[dict[str, Any]]) -> None:
         """Stream more good images into the saved statistics: exactly a fit on all of them."""
@@ -333,7 +333,7 @@ class Padim(Model):
                     "Merge runs trained with the same settings"
                 )
             with torch.no_grad():
-                stats.merge_(other._statistics("merge"))
+                stats.merge_(other._statistics("merge", copy=False))
         with torch.no_grad():
             self._finish(stats)
 
@@ -341,7 +341,7 @@ class Padim(Model):
         """Mean squared Mahalanobis distance of this site's means under the others' pooled fit."""
         pooled = others[0]._statistics("merge")  # type: ignore[attr-defined]
         for other in others[1:]:
-            pooled.merge_(other._statistics("merge"))  # type: ignore[attr-defined]
+            pooled.merge_(other._statistics("merge", copy=False))  # type: ignore[attr-defined]
         assert self.mean is not None
         with torch.no_grad():
             precision = invert_spd_(pooled.covariance_(self.config.regularization))
