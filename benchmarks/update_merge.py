@@ -156,7 +156,8 @@ def main() -> None:
                 folder = work / root.name / model
                 rows += category_rows(root.resolve(), model, sets, sites, args.repeats, folder)
                 print(f"done {root.name} {model}", file=sys.stderr, flush=True)
-    print_table(rows, COLUMNS)
+                print_table(rows, COLUMNS)  # the table so far: a long run can be cut short
+                print(flush=True)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def _fit_and_save(
     """Fit on ``root``'s good training images; write the run into ``run_dir`` in one commit."""
     model = entry.name
     samples = data.find_samples(root, "train", skip_bad=cfg.data.skip_bad)
-    loo = _leave_one_out(entry.cls, cfg)
+    loo = uses_leave_one_out(entry.cls, cfg)
     fit_samples, held_out = _split_holdout(samples, 0.0 if loo else cfg.threshold.holdout, cfg)
     net = build_model(entry, cfg, echo)
     mean, std = _normalization(cfg, net)
@@ -220,7 +220,7 @@ def _fit_and_save(
     return fit_seconds
 
 
-def _leave_one_out(cls: type[Model], cfg: Config) -> bool:
+def uses_leave_one_out(cls: type[Model], cfg: Config) -> bool:
     """Whether the threshold comes from leave-one-out training scores (nothing withheld)."""
     has_hook = getattr(cls, "training_scores", None) not in (None, Model.training_scores)
     if cfg.threshold.source == "loo" and not has_hook:

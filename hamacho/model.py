@@ -59,8 +59,9 @@ class Model:
 
     Subclasses set ``name``, ``summary`` and ``Config`` and implement ``fit``, ``predict``,
     ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``
-    and reads nothing else from a model but the optional hooks below (a subclass need not call
-    ``super().__init__``).
+    and reads nothing else from a model but the optional hooks below (``training_scores``,
+    ``update``, ``merge``, ``outlier_score``, ``export_module``, ...); a subclass need not call
+    ``super().__init__``.
     """
 
     name: ClassVar[str] = ""

@@ -22,6 +22,10 @@ _FIX = "Choose a writable --output folder"
 Echo = engine.Echo
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -31,7 +35,7 @@ def update(
     data_dir: str | Path,
     output: str | Path | None = None,
     progress: bool = False,
-    echo: Echo = engine._quiet,
+    echo: Echo = _quiet,
 ) -> Path:
     """Add ``data_dir``'s good training images to the run; save to ``output`` (or in place)."""
     shown = Path(output) if output else Path(run_dir)
@@ -48,7 +52,7 @@ def update(
         run.model.update(progress_bar(tiled(loader, run.tiler), progress, "update"))
         seconds = time.perf_counter() - start
         new = None
-        if engine._leave_one_out(type(run.model), cfg):
+        if engine.uses_leave_one_out(type(run.model), cfg):
             new = engine.loo_scores(run.model, loader, run.tiler, progress)
         recorded = run.metadata.get("good_scores") or []
         pooled = recorded + (engine.good_scores(new) or [])
@@ -67,7 +71,7 @@ def merge(
     run_dirs: list[str | Path],
     output: str | Path,
     reject_outliers: bool = False,
-    echo: Echo = engine._quiet,
+    echo: Echo = _quiet,
 ) -> Path:
     """Merge runs trained elsewhere on the same settings into one run at ``output``."""
     names = [str(r) for r in run_dirs]

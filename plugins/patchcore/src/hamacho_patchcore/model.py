@@ -240,7 +240,8 @@ class PatchCore(Model):
             other_bank, other_source = other._fitted("merge")
             offset = int(torch.cat(sources).max()) + 1
             chunks.append(other_bank.to(bank.dtype))
-            sources.append(other_source + offset)  # image ids stay distinct across sites
+            # image ids stay distinct across sites; unknown ones (-1) stay unknown
+            sources.append(torch.where(other_source < 0, other_source, other_source + offset))
             patches += other.train_patches
         self._reduce(chunks, sources, patches)
 
