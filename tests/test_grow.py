@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import hamacho
 from hamacho import Model, Prediction, hookimpl
 from hamacho.cli import main
 from hamacho.components.artifact import load_artifact
@@ -190,3 +191,12 @@ def test_flag_keeps_alike_scores_and_never_rejects_a_majority():
     assert flag([1.0, 1.05, 0.97, 1.02])["rejected"] == [False] * 4
     assert flag([1.0, 1.05, 0.97, 3.0])["rejected"] == [False, False, False, True]
     assert flag([1.0, 5.0, 5.1])["rejected"] == [False] * 3  # which side is "normal"? neither
+
+
+def test_python_api_updates_and_merges(patchcore_runs, sites, tmp_path):
+    runs, _ = patchcore_runs
+    grown = hamacho.update(runs[1], sites[0][2], output=tmp_path / "grown")
+    assert grown.threshold == load_run(tmp_path / "grown").threshold is not None
+    merged = hamacho.merge([runs[2], tmp_path / "grown"], tmp_path / "merged")
+    image = sorted((sites[0][0] / "test").rglob("*.png"))[0]
+    assert merged.predict(image).score > 0

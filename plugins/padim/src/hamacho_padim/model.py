@@ -482,7 +482,6 @@ class Padim(Model):
             "positions": positions,
             # precision, and the scatter kept for update/merge
             "state_mb": round(2 * memory_needed(positions, self.dim) / 2**20, 1),
-            "train_images": self.n_train,
             "backbone": self.config.backbone,
             "weights": self.aggregator.weights,
         }
