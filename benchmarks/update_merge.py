@@ -1,15 +1,16 @@
 """Grow and merge vs one fit: `hamacho update` / `hamacho merge` against a fit on all images.
 
     python benchmarks/update_merge.py ../shared/datasets/{bottle,screw,magnetic_tile} \\
-        [--models patchcore,padim] [--sites 2,4] [--repeats 2] [--output DIR] \\
-        [--set model.backbone=...]
+        [--models patchcore,padim] [--sites 2,4] [--repeats 3] [--fit-repeats 1] \\
+        [--output DIR] [--set [MODEL:]SECTION.KEY=VALUE ...] [--threads 1]
 
 Per category and model: one fit on 100 % of train/good; a fit on the first 90 % (by index) then
 ``update`` with the other 10 %; train/good split by index into 2 and 4 "sites", each fitted on
 its own, then ``merge``d. Every model is tested on the category's test split (image / pixel
 AUROC). ``fit s`` is the model's own fit (or update / merge) step, ``wall s`` the whole command
 (loading, leave-one-out threshold, saving); for a merge, ``fit s`` is the slowest site's fit and
-``merge s`` the merge step. Timed steps are repeated ``--repeats`` times: mean (min-max).
+``merge s`` the merge step. The update is timed ``--repeats`` times and the full fit
+``--fit-repeats`` times (the costly one): mean (min-max).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from _common import print_table
 
 from hamacho import engine
@@ -84,14 +86,20 @@ def seconds(run: Path, key: str) -> float:
 
 
 def category_rows(
-    root: Path, model: str, sets: list[str], sites: list[int], repeats: int, work: Path
+    root: Path,
+    model: str,
+    sets: list[str],
+    sites: list[int],
+    repeats: int,
+    fit_repeats: int,
+    work: Path,
 ) -> list[dict[str, Any]]:
     names = sorted(s.path.name for s in data.find_samples(root, "train"))
     cut = int(round(0.9 * len(names)))
     first, rest = subset(root, names[:cut], work / "p90"), subset(root, names[cut:], work / "p10")
     base = {"category": root.name, "model": model}
     fits, walls = [], []
-    for i in range(repeats):
+    for i in range(fit_repeats):
         run, wall = timed(engine.train, model, root, overrides=sets, output=work / f"full{i}")
         fits.append(seconds(run, "fit_seconds"))
         walls.append(wall)
@@ -142,19 +150,28 @@ def main() -> None:
     parser.add_argument("categories", nargs="+", type=Path)
     parser.add_argument("--models", default="patchcore,padim")
     parser.add_argument("--sites", default="2,4")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=3, help="times each update is timed")
+    parser.add_argument("--fit-repeats", type=int, default=1, help="times the full fit is timed")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="[MODEL:]SECTION.KEY=VALUE"
+    )
     parser.add_argument("--output", type=Path, help="Keep the runs here (default: a temp dir).")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     args = parser.parse_args()
+    if args.threads:  # on a shared CPU one thread avoids spinning workers (eigh: 8 s -> 1.8 s)
+        torch.set_num_threads(args.threads)
     sites = [int(k) for k in args.sites.split(",") if k]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.output or Path(tmp)
         for root in args.categories:
             for model in args.models.split(","):
-                sets = [*LITE0.get(model, []), *args.sets]
+                mine = [v.partition(":")[2] for v in args.sets if v.startswith(f"{model}:")]
+                sets = [*LITE0.get(model, []), *[v for v in args.sets if ":" not in v], *mine]
                 folder = work / root.name / model
-                rows += category_rows(root.resolve(), model, sets, sites, args.repeats, folder)
+                rows += category_rows(
+                    root.resolve(), model, sets, sites, args.repeats, args.fit_repeats, folder
+                )
                 print(f"done {root.name} {model}", file=sys.stderr, flush=True)
                 print_table(rows, COLUMNS)  # the table so far: a long run can be cut short
                 print(flush=True)

@@ -371,6 +371,19 @@ def _test_run(
     echo: Echo,
 ) -> dict[str, Any]:
     """Score the test split; write the results into ``folder`` in one commit."""
+    with rundir.new_results(folder, _TEST_FIX) as staging:
+        return evaluate_split(run, staging, data_dir, write_maps, progress, echo)
+
+
+def evaluate_split(
+    run: Run,
+    staging: Path,
+    data_dir: str | Path | None,
+    write_maps: bool,
+    progress: bool,
+    echo: Echo,
+) -> dict[str, Any]:
+    """Score ``data_dir``'s test split (default: the run's); write the results into ``staging``."""
     root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
     # Without --data the folder comes from the run's metadata: say which one is read.
     echo(f"testing on {root}" + ("" if data_dir else " (recorded at training; --data overrides)"))
@@ -390,9 +403,8 @@ def _test_run(
     score = torch.cat(scores).numpy()
     amap = torch.cat(maps).numpy()
     mask = torch.cat(masks).numpy()
-    with rundir.new_results(folder, _TEST_FIX) as staging:
-        drawn = images if write_maps else None
-        return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
+    drawn = images if write_maps else None
+    return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
 
 
 # -- predict ---------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from hamacho.errors import ArtifactError, OutputError
 
-TEST_FILES = ("scores.csv", "maps", "report.html", "metrics.json")  # metrics.json last: the marker
+# metrics.json last: the marker; sites/ holds one result folder per dataset of a per-site test
+TEST_FILES = ("scores.csv", "maps", "sites", "report.html", "metrics.json")
 # the run's own files; the default exports too, so a retrain never keeps a stale exported model
 EXPORTS = ("model.onnx", "model.xml", "model.bin")
 RUN_FILES = frozenset(

@@ -200,3 +200,19 @@ def test_python_api_updates_and_merges(patchcore_runs, sites, tmp_path):
     merged = hamacho.merge([runs[2], tmp_path / "grown"], tmp_path / "merged")
     image = sorted((sites[0][0] / "test").rglob("*.png"))[0]
     assert merged.predict(image).score > 0
+
+
+def test_per_site_test_writes_one_block_per_dataset_worst_first(patchcore_runs, sites, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(patchcore_runs[0][0], run)
+    args = ["test", "--run", str(run), "--data", str(sites[0][0]), str(sites[1]), "--no-maps"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    aurocs = [b["image_auroc"] for b in metrics["sites"]]
+    assert aurocs == sorted(aurocs) and metrics["worst_site"] == metrics["sites"][0]["site"]
+    assert {b["site"] for b in metrics["sites"]} == {"caps0", "cloth"}
+    for block in metrics["sites"]:
+        assert (run / "sites" / block["site"] / "metrics.json").exists()
+        assert f"sites/{block['site']}/report.html" in (run / "report.html").read_text()
+    assert not (run / "scores.csv").exists()  # the single-dataset files are not left stale
