@@ -59,6 +59,8 @@ def update(
         source = f"{len(recorded)} recorded good-image scores + {len(pooled) - len(recorded)} new"
         entry = engine.history_entry("update", root, len(samples), _now())
         meta = _metadata(run, history(run) + [entry], pooled, source)
+        if not pooled:
+            echo("note: no good-image scores recorded or new: the run keeps its old threshold")
         seen = images_seen(run)
         summary = {"action": "update", "update_seconds": round(seconds, 3), "dataset": str(root)}
         summary.update(new_images=len(samples), train_images=seen and seen + len(samples))
@@ -116,6 +118,9 @@ def merge(
             lines += [{**e, "site": names[i]} for e in history(runs[i])]
         merged = {"action": "merge", "sites": [names[i] for i in used], "when": _now()}
         meta = _metadata(base, [*lines, merged], pooled, f"{len(used)} sites' good-image scores")
+        if not pooled:  # one site's own threshold would pass for the merged model's
+            meta["threshold"] = None
+            echo("note: no site recorded good-image scores, so the merged run has no threshold")
         report.update(sites=sites, merge_seconds=round(seconds, 3), threshold=meta["threshold"])
         counts = [sites[i]["images"] for i in used]
         images = None if None in counts else sum(counts)
