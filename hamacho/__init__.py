@@ -9,7 +9,7 @@ from hamacho.hookspecs import hookimpl
 from hamacho.model import Components, Model, Prediction
 
 if TYPE_CHECKING:
-    from hamacho.api import Detector, Result, load, train
+    from hamacho.api import Detector, Result, load, merge, train, update
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load",
+    "merge",
     "train",
+    "update",
 ]
-_API = ("Detector", "Result", "load", "train")
+_API = ("Detector", "Result", "load", "merge", "train", "update")
 
 
 def __getattr__(name: str) -> Any:

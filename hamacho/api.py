@@ -20,7 +20,7 @@ from hamacho.preprocess import Preprocess
 from hamacho.runtime import decide
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
-__all__ = ["Detector", "ImageInput", "Result", "load", "train"]
+__all__ = ["Detector", "ImageInput", "Result", "load", "merge", "train", "update"]
 
 
 @dataclass
@@ -174,3 +174,19 @@ def train(
     ]
     run_dir = engine.train(model, data, config, pairs, output)
     return load(run_dir)
+
+
+def update(run: str | Path, data: str | Path, output: str | Path | None = None) -> Detector:
+    """Add ``data``'s good training images to ``run`` (in place, or into ``output``)."""
+    from hamacho.grow.flows import update as grow
+
+    return load(grow(run, data, output))
+
+
+def merge(
+    runs: Sequence[str | Path], output: str | Path, reject_outliers: bool = False
+) -> Detector:
+    """Merge ``runs`` (trained elsewhere, same settings) into ``output``; merge.json says how."""
+    from hamacho.grow.flows import merge as grow
+
+    return load(grow(list(runs), output, reject_outliers))

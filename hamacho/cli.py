@@ -180,16 +180,23 @@ def train(
 
 @main.command()
 @_RUN_OPTION
-@click.option("--data", "data_dir", type=click.Path(), help="Dataset (default: the training one).")
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset(s): --data A [B ...].")
+@click.argument("more_data", nargs=-1, type=click.Path(), metavar="[DIR]...")
 @click.option("--no-maps", is_flag=True, help="Skip writing heat-map images.")
 @click.pass_context
-def test(ctx: click.Context, run_dir: str, data_dir: str | None, no_maps: bool) -> None:
-    """Evaluate a trained model on the test split."""
+def test(
+    ctx: click.Context, run_dir: str, data_dir: str | None, more_data: tuple, no_maps: bool
+) -> None:
+    """Evaluate a trained model on the test split (of each dataset: worst site first)."""
     from hamacho import engine
+    from hamacho.grow.sites import test_sites
 
-    result = engine.test(
-        run_dir, data_dir, write_maps=not no_maps, progress=_progress(ctx), echo=_echo(ctx)
-    )
+    kw = {"write_maps": not no_maps, "progress": _progress(ctx), "echo": _echo(ctx)}
+    datasets = [d for d in (data_dir, *more_data) if d]
+    if len(datasets) > 1:
+        result = test_sites(run_dir, datasets, **kw)
+    else:
+        result = engine.test(run_dir, datasets[0] if datasets else None, **kw)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -320,6 +327,10 @@ def benchmark(
         sys.exit(1)
 
 
-from hamacho.serve.cli import serve  # noqa: E402 (commands of their own subpackage)
+# commands of their own subpackages
+from hamacho.grow.cli import merge, update  # noqa: E402
+from hamacho.serve.cli import serve  # noqa: E402
 
+main.add_command(update)
+main.add_command(merge)
 main.add_command(serve)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import math
 import time
 from collections.abc import Callable, Iterable
 from importlib.resources import files
@@ -170,7 +171,7 @@ def _fit_and_save(
     """Fit on ``root``'s good training images; write the run into ``run_dir`` in one commit."""
     model = entry.name
     samples = data.find_samples(root, "train", skip_bad=cfg.data.skip_bad)
-    loo = _leave_one_out(entry.cls, cfg)
+    loo = uses_leave_one_out(entry.cls, cfg)
     fit_samples, held_out = _split_holdout(samples, 0.0 if loo else cfg.threshold.holdout, cfg)
     net = build_model(entry, cfg, echo)
     mean, std = _normalization(cfg, net)
@@ -181,10 +182,11 @@ def _fit_and_save(
     net.fit(Batches(loader, tiler, cfg.data.output_size, progress, "fit"))
     fit_seconds = time.perf_counter() - start
     if loo:
-        threshold = _loo_threshold(net, loader, cfg, tiler, progress)
+        threshold, good = _loo_threshold(net, loader, cfg, tiler, progress)
     else:
-        threshold = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
+        threshold, good = _holdout_threshold(net, held_out, cfg, mean, std, tiler)
     info = net.info()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     metadata = {
         "model": model,
         "plugin": {"distribution": entry.distribution, "version": entry.version},
@@ -194,7 +196,10 @@ def _fit_and_save(
         "threshold": threshold,
         "dataset": str(root.resolve()),
         "info": info,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created,
+        # the threshold's good-image scores, so `hamacho update`/`merge` can pool them later
+        "good_scores": good_scores(good),
+        "history": [history_entry("train", root, len(loader.dataset), created)],
     }
     summary = {
         "model": model,
@@ -214,7 +219,7 @@ def _fit_and_save(
     return fit_seconds
 
 
-def _leave_one_out(cls: type[Model], cfg: Config) -> bool:
+def uses_leave_one_out(cls: type[Model], cfg: Config) -> bool:
     """Whether the threshold comes from leave-one-out training scores (nothing withheld)."""
     has_hook = getattr(cls, "training_scores", None) not in (None, Model.training_scores)
     if cfg.threshold.source == "loo" and not has_hook:
@@ -245,30 +250,56 @@ def _normalization(cfg: Config, net: Model) -> tuple[tuple[float, ...], tuple[fl
     return tuple(cfg.data.mean or mean), tuple(cfg.data.std or std)
 
 
+Threshold = tuple[dict[str, Any] | None, torch.Tensor | None]  # (threshold, its good scores)
+
+
 def _holdout_threshold(
     net: Model, held_out: list[data.Sample], cfg: Config, mean: Any, std: Any, tiler: Any
-) -> dict[str, Any] | None:
+) -> Threshold:
     if not held_out:
-        return None
+        return None, None
     loader = batch_loader(held_out, cfg, mean, std)
-    scores = [predict_batch(net, batch["image"], tiler).scores for batch in loader]
-    return _threshold(torch.cat(scores), cfg, f"{len(held_out)} held-out good training images")
+    scores = torch.cat([predict_batch(net, batch["image"], tiler).scores for batch in loader])
+    return threshold_from_scores(
+        scores, cfg, f"{len(held_out)} held-out good training images"
+    ), scores
 
 
-def _loo_threshold(
+def _loo_threshold(net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool) -> Threshold:
+    scores = loo_scores(net, loader, cfg, tiler, progress)
+    if scores is None:
+        return None, None
+    n = len(loader.dataset)
+    return threshold_from_scores(
+        scores, cfg, f"{n} good training images, each scored leave-one-out"
+    ), scores
+
+
+def loo_scores(
     net: Model, loader: Any, cfg: Config, tiler: Any, progress: bool
-) -> dict[str, Any] | None:
+) -> torch.Tensor | None:
+    """``net.training_scores`` of ``loader``'s images, one per image (tiles: the worst tile)."""
     batches = Batches(loader, tiler, cfg.data.output_size, progress, "threshold")
     scores = net.training_scores(batches)
+    if scores is not None and tiler is not None:
+        scores = per_image_max(scores.flatten(), len(loader.dataset))
+    return scores
+
+
+def good_scores(scores: torch.Tensor | None) -> list[float] | None:
+    """Scores as a JSON list (None stays None); non-finite ones are dropped."""
     if scores is None:
         return None
-    if tiler is not None:
-        scores = per_image_max(scores.flatten(), len(loader.dataset))
-    n = len(loader.dataset)
-    return _threshold(scores, cfg, f"{n} good training images, each scored leave-one-out")
+    return [round(float(v), 6) for v in scores.float().cpu().flatten() if math.isfinite(v)]
 
 
-def _threshold(scores: torch.Tensor, cfg: Config, source: str) -> dict[str, Any]:
+def history_entry(action: str, root: Path, images: int, when: str) -> dict[str, Any]:
+    """One line of a run's history: what was done with which dataset, how many images, when."""
+    return {"action": action, "dataset": str(root.resolve()), "images": images, "when": when}
+
+
+def threshold_from_scores(scores: torch.Tensor, cfg: Config, source: str) -> dict[str, Any]:
+    """The threshold dict (value, method, parameter, source) from good-image ``scores``."""
     values = scores.float().cpu().numpy()
     method = cfg.threshold.method
     parameter = cfg.threshold.percentile if method == "percentile" else cfg.threshold.sigma
@@ -342,6 +373,19 @@ def _test_run(
     echo: Echo,
 ) -> dict[str, Any]:
     """Score the test split; write the results into ``folder`` in one commit."""
+    with rundir.new_results(folder, _TEST_FIX) as staging:
+        return evaluate_split(run, staging, data_dir, write_maps, progress, echo)
+
+
+def evaluate_split(
+    run: Run,
+    staging: Path,
+    data_dir: str | Path | None,
+    write_maps: bool,
+    progress: bool,
+    echo: Echo,
+) -> dict[str, Any]:
+    """Score ``data_dir``'s test split (default: the run's); write the results into ``staging``."""
     root = Path(data_dir) if data_dir else Path(run.metadata["dataset"])
     # Without --data the folder comes from the run's metadata: say which one is read.
     echo(f"testing on {root}" + ("" if data_dir else " (recorded at training; --data overrides)"))
@@ -361,9 +405,8 @@ def _test_run(
     score = torch.cat(scores).numpy()
     amap = torch.cat(maps).numpy()
     mask = torch.cat(masks).numpy()
-    with rundir.new_results(folder, _TEST_FIX) as staging:
-        drawn = images if write_maps else None
-        return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
+    drawn = images if write_maps else None
+    return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
 
 
 def list_models() -> list[dict[str, str]]:

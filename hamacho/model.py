@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from hamacho.components.features import NetworkFeatureAggregator
     from hamacho.components.maps import AnomalyMapGenerator
@@ -59,8 +59,9 @@ class Model:
 
     Subclasses set ``name``, ``summary`` and ``Config`` and implement ``fit``, ``predict``,
     ``state_dict`` and ``load_state_dict``. The core builds them as ``Model(config, components)``
-    and reads nothing else from a model but the optional hooks below (a subclass need not call
-    ``super().__init__``).
+    and reads nothing else from a model but the optional hooks below (``training_scores``,
+    ``update``, ``merge``, ``outlier_score``, ``export_module``, ...); a subclass need not call
+    ``super().__init__``.
     """
 
     name: ClassVar[str] = ""
@@ -105,6 +106,32 @@ class Model:
         override this hook gets ``threshold.holdout`` images held out of its fit instead.
         """
         return None
+
+    def update(self, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Optional: add more good images to the fitted model (``hamacho update``).
+
+        The result should be what ``fit`` on the old and new images together would give (exactly,
+        or as closely as the model can without the old images). Afterwards ``training_scores``
+        is called with the new images only. Not overriding it means the model cannot be updated.
+        """
+        raise NotImplementedError
+
+    def merge(self, others: Sequence[Model]) -> None:
+        """Optional: absorb fitted models of this class and settings (``hamacho merge``).
+
+        ``others`` were trained elsewhere on other images; afterwards this model should be what
+        ``fit`` on all their images would give. The core has checked that the runs' settings and
+        backbone weights agree. Not overriding it means the model cannot be merged.
+        """
+        raise NotImplementedError
+
+    def outlier_score(self, others: Sequence[Model]) -> float:
+        """Optional: how unlike ``others`` this fitted model is, larger = less alike.
+
+        Any unit, as long as every site's score is comparable (``merge --reject-outliers``
+        compares each site's score with the others'). Needed only for outlier rejection.
+        """
+        raise NotImplementedError
 
     def export_module(self) -> torch.nn.Module | None:
         """Optional: a traceable module, normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w)).

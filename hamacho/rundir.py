@@ -22,10 +22,13 @@ from pathlib import Path
 
 from hamacho.errors import ArtifactError, OutputError
 
-TEST_FILES = ("scores.csv", "maps", "report.html", "metrics.json")  # metrics.json last: the marker
+# metrics.json last: the marker; sites/ holds one result folder per dataset of a per-site test
+TEST_FILES = ("scores.csv", "maps", "sites", "report.html", "metrics.json")
 # the run's own files; the default exports too, so a retrain never keeps a stale exported model
 EXPORTS = ("model.onnx", "model.xml", "model.bin")
-RUN_FILES = frozenset({"model.safetensors", "config.yaml", "train.json", *TEST_FILES, *EXPORTS})
+RUN_FILES = frozenset(
+    {"model.safetensors", "config.yaml", "train.json", "merge.json", *TEST_FILES, *EXPORTS}
+)
 # staging folders and backups (ours), and save_artifact's temporary files
 _TEMP = re.compile(r"\..+\.(tmp|old)-\d+-[0-9a-f]{8}|\..+\.\d+\.[0-9a-f]{8}\.tmp")
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100

@@ -43,6 +43,33 @@ class GaussianAccumulator:
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
+    @classmethod
+    def restore(
+        cls, count: int, mean: torch.Tensor, scatter: torch.Tensor, copy: bool = True
+    ) -> GaussianAccumulator:
+        """An accumulator holding saved statistics (copied unless ``copy`` is False)."""
+        stats = cls(0, 0, mean.device)
+        stats.count, stats.mean, stats.scatter = count, mean.float(), scatter.float()
+        if copy:
+            stats.mean, stats.scatter = stats.mean.clone(), stats.scatter.clone()
+        return stats
+
+    def merge_(self, other: GaussianAccumulator) -> None:
+        """Add another accumulator's samples (Chan et al.'s pairwise update, float64 per block)."""
+        n = self.count + other.count
+        scale, weight = self.count * other.count / n, other.count / n
+        positions, d = self.mean.shape
+        block = max(1, _BLOCK_BYTES // (3 * 8 * d * d))
+        for start in range(0, positions, block):
+            part = slice(start, start + block)
+            mean = self.mean[part].double()
+            delta = other.mean[part].to(mean) - mean  # (p, d)
+            scatter = self.scatter[part].double() + other.scatter[part].to(mean)
+            scatter.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=scale)
+            self.scatter[part] = scatter
+            self.mean[part] = mean + delta * weight
+        self.count = n
+
     def keep_(self, channels: torch.Tensor) -> None:
         """Restrict the state to a subset of its dimensions (the statistics of those alone)."""
         idx = channels.to(self.mean.device)

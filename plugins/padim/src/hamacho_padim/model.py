@@ -168,7 +168,9 @@ class Padim(Model):
         self.precision: torch.Tensor | None = None  # (P, d, d): inverse covariance
         self.grid: tuple[int, int] | None = None  # (h, w), P = h * w
         self.n_train = 0
-        self._covariance: torch.Tensor | None = None  # (P, d, d) S, fit to training_scores only
+        # (P, d, d) float32 scatter sum (x - mean)(x - mean)^T: with n_train and mean the sufficient
+        # statistics, so update and merge equal a fit on all images (None: saved before 0.2)
+        self.scatter: torch.Tensor | None = None
         self._operators: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         # auto without n_features needs the grid to decide: every channel until fit knows it
         choice = config.selection
@@ -269,14 +271,7 @@ class Padim(Model):
                 keep = top_variance(stats.scatter.diagonal(dim1=1, dim2=2), d)
                 stats.keep_(keep)
                 self._set_channels(self.channels[keep])
-            cov = stats.covariance_(self.config.regularization)
-            # leave-one-out scores need S itself when n <= d (see loo_mahalanobis): a copy is
-            # kept until training_scores when it fits, else inverse overwrites the scatter
-            need = memory_needed(*cov.shape[:2])
-            keep_copy = stats.count <= cov.shape[-1] and 2 * need <= available_memory()
-            self._covariance = cov.clone() if keep_copy else None
-            self.precision = invert_spd_(cov)
-        self.mean, self.n_train = stats.mean, stats.count
+            self._finish(stats)
         log.info(
             "PaDiM: fitted %d positions x %d features (selection %s) on %d images",
             self.mean.shape[0],
@@ -284,6 +279,70 @@ class Padim(Model):
             self.selection,
             self.n_train,
         )
+
+    def _finish(self, stats: GaussianAccumulator) -> None:
+        """Keep the statistics, then invert their covariance into the precision."""
+        self.scatter = stats.scatter.clone()
+        self.precision = invert_spd_(stats.covariance_(self.config.regularization))
+        self.mean, self.n_train = stats.mean, stats.count
+
+    def _statistics(self, action: str, copy: bool = True) -> GaussianAccumulator:
+        """The fitted statistics as an accumulator; ArtifactError where they were not saved."""
+        if self.mean is None or self.scatter is None:
+            raise ArtifactError(
+                f"this PaDiM run was saved without its statistics (count and scatter), so it "
+                f"cannot be {action}d exactly. Retrain it with this hamacho, then {action} it"
+            )
+        if self.selection == "variance":
+            raise ConfigError(
+                f"PaDiM with model.selection=variance ranks channels on the training images, so "
+                f"a {action} cannot equal a refit. Retrain on all images, or use selection "
+                "random, orthogonal or all"
+            )
+        return GaussianAccumulator.restore(self.n_train, self.mean, self.scatter, copy)
+
+    def update(self, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Stream more good images into the saved statistics: exactly a fit on all of them."""
+        stats = self._statistics("update")
+        with torch.no_grad():
+            for batch in train_loader:
+                x = self._embed(batch["image"])  # (P, B, d)
+                self._check_grid(batch["image"], x)
+                stats.update(x)
+            self._finish(stats)
+
+    def merge(self, others: Sequence[Model]) -> None:
+        """Pool other sites' statistics into these (exact: a fit on the union of their images)."""
+        stats = self._statistics("merge")
+        for other in others:
+            if not isinstance(other, Padim) or other.grid != self.grid:
+                raise ConfigError("PaDiM merges only PaDiM runs fitted on the same feature grid")
+            if not torch.equal(other.channels, self.channels) or (
+                (other.projection is None) != (self.projection is None)
+                or (
+                    other.projection is not None
+                    and not torch.equal(other.projection, self.projection)
+                )
+            ):
+                raise ConfigError(
+                    "the PaDiM runs model different channels (model.selection/n_features/seed). "
+                    "Merge runs trained with the same settings"
+                )
+            with torch.no_grad():
+                stats.merge_(other._statistics("merge", copy=False))
+        with torch.no_grad():
+            self._finish(stats)
+
+    def outlier_score(self, others: Sequence[Model]) -> float:
+        """Mean squared Mahalanobis distance of this site's means under the others' pooled fit."""
+        pooled = others[0]._statistics("merge")  # type: ignore[attr-defined]
+        for other in others[1:]:
+            pooled.merge_(other._statistics("merge", copy=False))  # type: ignore[attr-defined]
+        assert self.mean is not None
+        with torch.no_grad():
+            precision = invert_spd_(pooled.covariance_(self.config.regularization))
+            dist = mahalanobis(self.mean[:, None].to(precision.device), pooled.mean, precision)
+        return float(dist.mean()) / self.dim
 
     def _check_grid(self, images: torch.Tensor, x: torch.Tensor) -> None:
         assert self.mean is not None and self.grid is not None
@@ -320,19 +379,28 @@ class Padim(Model):
             log.warning("PaDiM: leave-one-out needs 3 or more training images: no threshold")
             return None
         scores = []
+        covariance = self._loo_covariance()
         with torch.no_grad():
             for batch in train_loader:
                 images = batch["image"]
                 x = self._embed(images)  # (P, B, d)
                 self._check_grid(images, x)
                 reg = self.config.regularization
-                dist = loo_mahalanobis(
-                    x, self.mean, self.precision, self.n_train, reg, self._covariance
-                )
+                dist = loo_mahalanobis(x, self.mean, self.precision, self.n_train, reg, covariance)
                 maps = self._maps(dist.float(), (images.shape[-2], images.shape[-1]))
                 scores.append(maps.flatten(1).amax(dim=1))
-        self._covariance = None  # only the leave-one-out pass needs it
         return torch.cat(scores) if scores else torch.empty(0)
+
+    def _loo_covariance(self) -> torch.Tensor | None:
+        """S itself, which leave-one-out needs when n <= d (see loo_mahalanobis), if it fits."""
+        assert self.mean is not None
+        if self.scatter is None or self.n_train > self.dim:
+            return None
+        if 2 * memory_needed(*self.mean.shape) > available_memory():
+            return None
+        cov = self.scatter / (self.n_train - 1)
+        cov.diagonal(dim1=1, dim2=2).add_(self.config.regularization)
+        return cov
 
     def export_module(self) -> torch.nn.Module:
         """hamacho's export hook: normalised (N, 3, h, w) -> (scores (N,), maps (N, h, w))."""
@@ -351,6 +419,9 @@ class Padim(Model):
         }
         if self.projection is not None:
             state["projection"] = self.projection
+        if self.scatter is not None:
+            state["count"] = torch.tensor(self.n_train, dtype=torch.int64)
+            state["scatter"] = self.scatter
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -381,8 +452,16 @@ class Padim(Model):
                 f"{tuple(precision.shape)}, channels {tuple(channels.shape)} of {total}, grid "
                 f"{grid}). Retrain with the same backbone and layers"
             )
+        scatter, count = state.get("scatter"), state.get("count")  # absent before 0.2
+        if scatter is not None and (scatter.shape != precision.shape or count is None):
+            raise ArtifactError(
+                f"PaDiM scatter is {tuple(scatter.shape)}, expected {tuple(precision.shape)} "
+                "with a count. Retrain with the same backbone and layers"
+            )
         device = self.components.device
         self.mean, self.precision = mean.to(device), precision.to(device)
+        self.scatter = None if scatter is None else scatter.float().to(device)
+        self.n_train = 0 if count is None else int(count)
         self._set_channels(channels, projection)
         if projection is not None or channels.numel() == total:
             self.selection = "orthogonal" if projection is not None else "all"
@@ -397,7 +476,8 @@ class Padim(Model):
             "n_features": self.dim,
             "channels_total": sum(self._dims),
             "positions": positions,
-            "state_mb": round(memory_needed(positions, self.dim) / 2**20, 1),
+            # precision, and the scatter kept for update/merge
+            "state_mb": round(2 * memory_needed(positions, self.dim) / 2**20, 1),
             "backbone": self.config.backbone,
             "weights": self.aggregator.weights,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,8 @@ class PatchCore(Model):
         self.bank: torch.Tensor | None = None  # (N, embedder.dim) in feature_dtype
         self.bank_source: torch.Tensor | None = None  # (N,) int32: training image of each row
         self.grid: tuple[int, int] | None = None
-        self.train_patches = 0
+        self.train_patches = 0  # patches the bank stands for (all fits, updates and merges)
+        self._source_base = 0  # bank_source of the first image training_scores will see
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return self.aggregator.normalization()
@@ -197,6 +198,7 @@ class PatchCore(Model):
         if not kept:
             raise DataError("PatchCore got no training images; check the train folder")
         self.train_patches = sum(len(p) for p in projected)
+        self._source_base = 0
         index = sampler.select(projected)  # consumes the list: projections are not held twice
         # gather the chosen rows batch by batch: concatenating all features first would hold
         # them twice (2 x 3.2 GB for 2,000 images with wide_resnet50_2)
@@ -205,6 +207,83 @@ class PatchCore(Model):
         kept.clear()
         self.search.fit(self.bank)
         log.info("memory bank: %d of %d patches", self.bank.shape[0], self.train_patches)
+
+    def update(self, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Add new images: a coreset of (bank rows + their patches) to ratio x all patches seen."""
+        bank, source = self._fitted("update")
+        dtype = _DTYPES[self.config.feature_dtype]
+        base = int(source.max()) + 1 if len(source) else 0
+        chunks, sources, images = [bank], [source], 0
+        for batch in train_loader:
+            emb, grid = self.embedder(batch["image"].to(self.components.device))
+            if grid != self.grid:
+                raise DataError(
+                    f"the new images give a {grid} feature grid but PatchCore was fitted on "
+                    f"{self.grid}. Use the training image size (data.image_size/crop_size)"
+                )
+            chunks.append(emb.reshape(-1, emb.shape[-1]).to(dtype))  # (B, P, D) -> (B*P, D)
+            sources.append(_owners(base + images, *emb.shape[:2]))
+            images += emb.shape[0]
+        if images == 0:
+            raise DataError("PatchCore.update got no images; check the folder's train/good")
+        patches = self.train_patches + sum(len(c) for c in chunks[1:])
+        self._reduce(chunks, sources, patches)
+        self._source_base = base
+
+    def merge(self, others: Sequence[Model]) -> None:
+        """Pool other sites' banks and re-reduce them to ratio x all the patches they stand for."""
+        bank, source = self._fitted("merge")
+        chunks, sources, patches = [bank], [source], self.train_patches
+        for other in others:
+            if not isinstance(other, PatchCore) or other.grid != self.grid:
+                raise ConfigError("PatchCore merges only PatchCore runs with the same feature grid")
+            other_bank, other_source = other._fitted("merge")
+            offset = int(torch.cat(sources).max()) + 1
+            chunks.append(other_bank.to(bank.dtype))
+            # image ids stay distinct across sites; unknown ones (-1) stay unknown
+            sources.append(torch.where(other_source < 0, other_source, other_source + offset))
+            patches += other.train_patches
+        self._reduce(chunks, sources, patches)
+
+    def outlier_score(self, others: Sequence[Model]) -> float:
+        """Mean distance of (up to 2,000 of) this bank's rows to the nearest row of the others'."""
+        bank, _ = self._fitted("merge")
+        pooled = torch.cat([o._fitted("merge")[0] for o in others])  # type: ignore[attr-defined]
+        step = max(1, len(bank) // 2000)
+        search = self.components.search(backend="torch")
+        search.fit(pooled)
+        dist, _ = search.search(bank[::step].float(), k=1)
+        return float(dist.float().mean())
+
+    def _fitted(self, action: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank and its rows' source images (-1: unknown, saved before they were kept)."""
+        if self.bank is None:
+            raise ConfigError(f"PatchCore has not been fitted; fit before {action}")
+        if self.bank_source is None:
+            return self.bank, torch.full((len(self.bank),), -1, dtype=torch.int32)
+        return self.bank, self.bank_source
+
+    def _reduce(
+        self, chunks: list[torch.Tensor], sources: list[torch.Tensor], patches: int
+    ) -> None:
+        """Keep a greedy coreset of the rows of ``chunks`` sized as a fit on ``patches`` would."""
+        rows = sum(len(c) for c in chunks)
+        target = max(1, math.ceil(patches * self.config.coreset_ratio))
+        target = min(rows, target, self.config.max_bank_size or target)
+        index = torch.arange(rows)
+        if target < rows:
+            sampler = self.components.sampler(
+                ratio=target / rows,
+                max_size=target,
+                projection_dim=self.config.projection_dim,
+                seed=self.config.seed,
+            )
+            index = sampler.select([sampler.project(c) for c in chunks])
+        self.bank = _gather_rows(chunks, index)
+        self.bank_source = torch.cat(sources)[index.cpu()]
+        self.train_patches = patches
+        self.search.fit(self.bank)
+        log.info("memory bank: %d rows standing for %d patches", len(self.bank), patches)
 
     def _announce(self, loader: Any, patches: int, dim: int) -> None:
         """Log the features a fit holds, from the images (tiles) the loader says it yields."""
@@ -266,7 +345,7 @@ class PatchCore(Model):
         for batch in train_loader:
             emb, _ = self.embedder(batch["image"].to(self.components.device))
             b, p, d = emb.shape
-            owner = _owners(images, b, p)
+            owner = _owners(self._source_base + images, b, p)
             dist, idx = loo.nearest_other(
                 self.search,
                 self.bank,
@@ -303,6 +382,7 @@ class PatchCore(Model):
         if self.bank is None:
             raise ConfigError("PatchCore has not been fitted; call fit before saving")
         state = {"memory_bank": self.bank, "grid": torch.tensor(self.grid)}
+        state["train_patches"] = torch.tensor(self.train_patches, dtype=torch.int64)
         if self.bank_source is not None:
             state["bank_source"] = self.bank_source
         state.update({f"search.{k}": v for k, v in self.search.state_dict().items() if k != "bank"})
@@ -321,6 +401,9 @@ class PatchCore(Model):
         self.grid = tuple(int(v) for v in state["grid"]) if "grid" in state else None
         source = state.get("bank_source")  # absent in artifacts saved before it was kept
         self.bank_source = None if source is None else source.to(torch.int32)
+        patches = state.get("train_patches")  # absent before 0.2: what a fit of that size saw
+        ratio_guess = math.ceil(len(bank) / self.config.coreset_ratio)
+        self.train_patches = ratio_guess if patches is None else int(patches)
         search_state = {
             k.removeprefix("search."): v for k, v in state.items() if k.startswith("search.")
         }

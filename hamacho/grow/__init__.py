@@ -1,0 +1,1 @@
+"""Grow a trained model with new good images, and merge models trained at several sites."""
