@@ -38,6 +38,8 @@ MODEL_FAST = {
     "patchcore": ["model.pretrain_embed_dim=64", "model.embedding_dim=32"],
     "padim": ["model.n_features=16"],
     "padim-orthogonal": ["model.selection=orthogonal", "model.n_features=16"],  # a projection
+    # overlapping tiles (starts 0 and 24 of the 56 crop): the graph tiles and stitches inside
+    "patchcore-tiled": ["model.pretrain_embed_dim=64", "tiler.tile_size=32", "tiler.stride=24"],
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 

@@ -138,6 +138,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return _read_envelope(Path(path))["metadata"]
 
 
+def read_checksum(path: str | os.PathLike) -> str:
+    """The checksum an artifact's header records (what an exported file names its run by)."""
+    return str(_read_envelope(Path(path)).get("sha256", ""))
+
+
 def _read_envelope(path: Path) -> dict:
     """Parse and version-check the hamacho entry of the safetensors header."""
     if not path.is_file():

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 import hamacho
+from hamacho.components import artifact
 from hamacho.errors import UsageError
+from hamacho.export import integrity
+from hamacho.export.tiled import TiledCore
 from hamacho.preprocess import Preprocess
 from hamacho.runtime import Run
 
@@ -44,12 +47,10 @@ def build_graph(run: Run) -> InferenceGraph:
             f"model {name!r} does not support export (its plugin has no export_module hook); "
             "score it with `hamacho predict --runtime torch`"
         )
-    if run.tiler is not None:
-        raise UsageError(
-            f"run '{run.path}' tiles its images (tiler.tile_size set), which export does not "
-            "support yet; train without tiling to export"
-        )
-    return InferenceGraph(run_preprocess(run), module).eval()
+    preprocess = run_preprocess(run)
+    if run.tiler is not None:  # the graph tiles inside, as predict_batch does
+        module = TiledCore(module, run.tiler, preprocess.crop_size)
+    return InferenceGraph(preprocess, module).eval()
 
 
 def metadata(run: Run) -> dict[str, str]:
@@ -60,6 +61,7 @@ def metadata(run: Run) -> dict[str, str]:
         "threshold": "" if threshold is None else repr(float(threshold)),
         "hamacho_version": hamacho.__version__,
         "trained_with_hamacho": str(run.metadata.get("hamacho_version", "")),
+        integrity.RUN_KEY: artifact.read_checksum(run.path / integrity.ARTIFACT),
         "config": json.dumps(run.config.to_dict(), sort_keys=True),
         "normalization": json.dumps(run.metadata.get("normalization", {})),
         "outputs": "score (N,) float32; map (N, c, c) float32 at the centre-crop size",

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hamacho.errors import ArtifactError, ConfigError
+from hamacho.errors import ArtifactError, ConfigError, one_line
+from hamacho.export import integrity
 from hamacho.export.graph import parse_metadata, run_preprocess
 from hamacho.export.writers import require
 from hamacho.preprocess import Preprocess
@@ -78,9 +79,12 @@ class TorchBackend(Backend):
 class _ExportedBackend(Backend):
     """Common part of the exported-file backends: metadata and same-size grouping."""
 
-    def _setup(self, props: dict[str, str], path: Path) -> None:
+    def _setup(self, props: dict[str, str], path: Path, *files: bytes) -> None:
+        """Check ``files`` (the exported bytes) against ``props`` and the run beside them."""
         if "config" not in props or "normalization" not in props:
             raise ArtifactError(f"'{path}' has no hamacho metadata: export it with hamacho export")
+        integrity.verify(path, props, *files)
+        integrity.check_run(path, props)
         meta = parse_metadata(props)
         self.path, self.model, self.threshold = path, meta["model"], meta["threshold"]
         self.config = meta["config"]
@@ -110,8 +114,15 @@ class OnnxBackend(_ExportedBackend):
 
     def __init__(self, path: Path) -> None:
         ort = require("onnxruntime")
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self._setup(self.session.get_modelmeta().custom_metadata_map, path)
+        payload = path.read_bytes()  # read once: checked, then handed to onnxruntime
+        try:
+            self.session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for any unreadable file
+            raise ArtifactError(
+                f"'{path}' is not a readable ONNX file ({one_line(exc)}): it was modified or "
+                "truncated. Export it again with `hamacho export --run RUN`"
+            ) from None
+        self._setup(self.session.get_modelmeta().custom_metadata_map, path, payload)
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         score, amap = self.session.run(["score", "map"], {"image": batch})
@@ -123,12 +134,22 @@ class OpenVinoBackend(_ExportedBackend):
 
     def __init__(self, path: Path) -> None:
         ov = require("openvino")
-        model = ov.Core().read_model(str(path))
+        weights_file = path.with_suffix(".bin")
+        if not weights_file.is_file():
+            raise ArtifactError(f"'{weights_file}' is missing: keep it beside '{path}'")
+        xml, weights = path.read_bytes(), weights_file.read_bytes()  # checked, then compiled
+        try:
+            model = ov.Core().read_model(xml, weights)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            raise ArtifactError(
+                f"'{path}' is not a readable OpenVINO IR ({one_line(exc)}): it was modified or "
+                "truncated. Export it again with `hamacho export --run RUN --format openvino`"
+            ) from None
         info = model.get_rt_info()
         props = {}
         if "hamacho" in info:
             props = {k: v.astype(str) for k, v in info["hamacho"].items()}
-        self._setup(props, path)
+        self._setup(props, path, xml, weights)
         # f32 inference: the CPU plugin would otherwise pick bf16/f16 where the CPU has them
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 

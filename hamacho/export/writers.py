@@ -11,6 +11,7 @@ from types import ModuleType
 import torch
 
 from hamacho.errors import UsageError
+from hamacho.export import integrity
 from hamacho.export.graph import InferenceGraph
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,13 @@ def write_onnx(graph: InferenceGraph, output: Path, props: dict[str, str]) -> Pa
         program.save(str(path), external_data=False)
         model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key, value in props.items():
+    for key, value in {**props, integrity.KEY: integrity.PLACEHOLDER}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     _fix_input_dims(model)
     onnx.checker.check_model(model, full_check=True)
     output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(output))
+    integrity.write_atomic(output, integrity.seal(model.SerializeToString()))
     return output
 
 
@@ -75,8 +76,10 @@ def write_openvino(onnx_path: Path, output: Path, props: dict[str, str]) -> Path
     """Convert the ONNX file to OpenVINO IR (``.xml`` + ``.bin``) with ``props`` as rt_info."""
     ov = require("openvino")
     model = ov.convert_model(str(onnx_path))
-    for key, value in props.items():
+    for key, value in {**props, integrity.KEY: integrity.PLACEHOLDER}.items():
         model.set_rt_info(value, ["hamacho", key])
     output.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(output), compress_to_fp16=False)  # fp32 weights: parity first
+    weights = output.with_suffix(".bin")  # the checksum covers the weights and the xml
+    integrity.write_atomic(output, integrity.seal(output.read_bytes(), weights.read_bytes()))
     return output

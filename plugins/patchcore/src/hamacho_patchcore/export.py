@@ -12,8 +12,8 @@ from torch import nn
 class PatchCoreGraph(nn.Module):
     """Normalised (N, 3, h, w) -> scores (N,), maps (N, h, w), as ``PatchCore.predict`` scores.
 
-    The nearest neighbour is ||q||^2 - 2 q.b + ||b||^2 minimised over the bank (the torch search
-    backend's formula) with the bank as a constant: plain MatMul + ReduceMin, no cdist.
+    The nearest neighbour is ||b||^2 - 2 q.b minimised over the bank (the torch search backend's
+    formula) with the bank as a constant: plain MatMul + ArgMin, no cdist.
     """
 
     def __init__(self, model: Any) -> None:
@@ -42,8 +42,11 @@ class PatchCoreGraph(nn.Module):
         emb, grid = self.embedder(images)  # (N, P, D)
         # (N, P, M) squared distances up to ||q||^2, which is constant per query
         partial = self.bank_sq - 2.0 * (emb @ self.bank_t)
-        best, index = partial.min(dim=2)  # (N, P)
-        patch = (best + emb.square().sum(dim=2)).clamp(min=0).sqrt()  # (N, P)
+        index = partial.argmin(dim=2)  # (N, P)
+        # the distance to that row recomputed as ||q - b||: the expansion above cancels (float32
+        # error ~1e-7 of ||q||^2), and the search's exact re-rank computes it this way too
+        nearest = self.bank_t[:, index.flatten()].T.reshape(emb.shape)  # (N, P, D)
+        patch = (emb - nearest).square().sum(dim=2).sqrt()  # (N, P)
         scores = patch.amax(dim=1)
         if self.reweight:
             scores = self._paper_scores(patch, emb, index)

@@ -139,15 +139,15 @@ def _pool_dim1(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     if k % size == 0:
         return x.unflatten(1, (size, k // size)).mean(2)
-    o = torch.arange(size, device=x.device)
-    start = (o * k) // size
-    end = ((o + 1) * k + size - 1) // size
-    length = end - start
-    out = x.index_select(1, start)
-    for j in range(1, int(length.max())):
-        longer = (length > j).nonzero()[:, 0]  # the windows with a (j + 1)-th input
-        out.index_add_(1, longer, x.index_select(1, start[longer] + j))
-    return out / length.to(x.dtype)[:, None]
+    # windows from Python ints (k and size are static), so the graph exports with constants
+    start = [(o * k) // size for o in range(size)]
+    length = [((o + 1) * k + size - 1) // size - s for o, s in enumerate(start)]
+    out = x.index_select(1, torch.tensor(start, device=x.device))
+    for j in range(1, max(length)):
+        longer = [o for o in range(size) if length[o] > j]  # the windows with a (j + 1)-th input
+        shifted = torch.tensor([start[o] + j for o in longer], device=x.device)
+        out.index_add_(1, torch.tensor(longer, device=x.device), x.index_select(1, shifted))
+    return out / torch.tensor(length, dtype=x.dtype, device=x.device)[:, None]
 
 
 def official_embedding(
