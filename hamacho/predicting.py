@@ -116,12 +116,6 @@ def _unique_name(path: Path, used: set[str]) -> str:
     Both parts go through data.safe_name, so the map always lands inside ``--maps``.
     """
     stem = data.safe_name(path.stem)
-    name = f"{stem}.png"
-    if name in used:
-        name = f"{data.safe_name(path.parent.name)}_{stem}.png"
-    base, n = name, 1
-    while name in used:
-        n += 1
-        name = f"{base[:-4]}_{n}.png"
-    used.add(name)
-    return name
+    if f"{stem}.png" in used:
+        stem = f"{data.safe_name(path.parent.name)}_{stem}"
+    return data.unused_name(stem, used, ".png")

@@ -18,6 +18,17 @@ FAST = [
     "data.crop_size=null",
     "data.batch_size=8",
 ]
+TINY_PATCHCORE = [*FAST, "model.pretrain_embed_dim=64", "model.embedding_dim=32"]
+# The same for hamacho.train(overrides=...): PatchCore with small embeddings.
+API_FAST = {
+    "model.backbone": "resnet18",
+    "model.weights": "none",
+    "model.pretrain_embed_dim": 64,
+    "model.embedding_dim": 32,
+    "data.image_size": 64,
+    "data.crop_size": None,
+    "data.batch_size": 8,
+}
 
 
 @pytest.fixture(scope="session")

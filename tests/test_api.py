@@ -14,15 +14,7 @@ from hamacho.cli import main
 from hamacho.errors import ArtifactError, ConfigError, DataError
 from hamacho.preprocess import Preprocess
 
-FAST = {
-    "model.backbone": "resnet18",
-    "model.weights": "none",
-    "model.pretrain_embed_dim": 64,
-    "model.embedding_dim": 32,
-    "data.image_size": 64,
-    "data.crop_size": None,
-    "data.batch_size": 8,
-}
+from .conftest import API_FAST as FAST
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,11 @@ def trained(tiny_mvtec, tmp_path_factory):
 def test_train_writes_run_directory(trained):
     summary = json.loads((trained / "train.json").read_text())
     assert summary["train_images"] == 9 and summary["holdout_images"] == 3
-    assert summary["fit_seconds"] > 0 and summary["peak_rss_mb"] > 0
+    assert (
+        summary["fit_seconds"] > 0
+        and summary["threshold_seconds"] > 0
+        and summary["peak_rss_mb"] > 0
+    )
     assert summary["memory_bank_rows"] > 0
     assert summary["threshold"]["value"] > 0
     tensors, meta = load_artifact(trained / "model.safetensors")

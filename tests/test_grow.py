@@ -19,14 +19,7 @@ from hamacho.engine import load_run, train
 from hamacho.grow.flows import merge, update
 from hamacho.grow.outliers import flag
 
-FAST = [
-    "model.backbone=resnet18",
-    "model.weights=none",
-    "data.image_size=64",
-    "data.crop_size=null",
-    "data.batch_size=8",
-]
-TINY_PATCHCORE = [*FAST, "model.pretrain_embed_dim=64", "model.embedding_dim=32"]
+from .conftest import FAST, TINY_PATCHCORE
 
 
 @pytest.fixture(scope="module")

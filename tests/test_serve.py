@@ -32,16 +32,10 @@ from hamacho.components import visualize
 from hamacho.errors import UsageError
 from hamacho.serve.cli import parse_runs
 
-FAST = {
-    "model.backbone": "resnet18",
-    "model.weights": "none",
-    "model.pretrain_embed_dim": 64,
-    "model.embedding_dim": 32,
-    "data.image_size": 64,
-    "data.crop_size": None,
-    "data.batch_size": 8,
-    "data.max_pixels": 20_000,  # so a 200 x 200 image trips the run's decompression-bomb guard
-}
+from .conftest import API_FAST
+
+# data.max_pixels: so a 200 x 200 image trips the run's decompression-bomb guard
+FAST = {**API_FAST, "data.max_pixels": 20_000}
 KEY = "s3cret"
 
 

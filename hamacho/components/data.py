@@ -16,7 +16,13 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from hamacho.components.datasets import IMAGE_EXTENSIONS, Sample, find_samples, safe_name
+from hamacho.components.datasets import (
+    IMAGE_EXTENSIONS,
+    Sample,
+    find_samples,
+    safe_name,
+    unused_name,
+)
 from hamacho.errors import (
     ConfigError,
     DataError,
@@ -39,6 +45,7 @@ __all__ = [  # discovery lives in datasets.py; re-exported so one import serves 
     "pil_to_uint8",
     "read_image",
     "safe_name",
+    "unused_name",
 ]
 logger = logging.getLogger(__name__)
 

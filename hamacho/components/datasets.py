@@ -36,6 +36,17 @@ def safe_name(name: str) -> str:
     return cleaned.encode()[:_MAX_NAME].decode(errors="ignore") or "_"
 
 
+def unused_name(base: str, used: set[str], suffix: str = "") -> str:
+    """``base + suffix``, else ``base_2 + suffix``, ``base_3 + suffix``, ...: the first not in
+    ``used``; it is added to ``used``."""
+    name, n = base + suffix, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}{suffix}"
+    used.add(name)
+    return name
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image of a dataset split: label 0 good / 1 defect, defect type, optional mask."""

@@ -52,15 +52,8 @@ def test_sites(
 
 def _names(data_dirs: list[str | Path]) -> list[str]:
     """A folder name per dataset, unique (``bottle``, ``bottle_2``, ...)."""
-    names: list[str] = []
-    for root in data_dirs:
-        base = data.safe_name(Path(root).resolve().name) or "site"
-        name, n = base, 1
-        while name in names:
-            n += 1
-            name = f"{base}_{n}"
-        names.append(name)
-    return names
+    used: set[str] = set()
+    return [data.unused_name(data.safe_name(Path(r).resolve().name), used) for r in data_dirs]
 
 
 def _key(value: Any) -> float:
