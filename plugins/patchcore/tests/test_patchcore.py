@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hamacho_patchcore import loo
 from hamacho_patchcore.model import PatchCore, PatchCoreConfig
 from hamacho_patchcore.torch_model import PatchEmbedder
 from torch import nn
@@ -324,10 +325,16 @@ def _loo_reference(model: PatchCore, batches: list[dict[str, torch.Tensor]]) -> 
     return dist.min(dim=1).values.reshape(n, p).float()
 
 
-@pytest.mark.parametrize("candidates", [16, 1])  # 1: nearly every patch needs the fallback
-def test_training_scores_match_brute_force_leave_one_out(candidates: int) -> None:
+# dims 0: exact masked search; 8: PCA candidates (1: nearly every patch needs the fallback)
+@pytest.mark.parametrize(("dims", "candidates"), [(0, 16), (8, 16), (8, 1)])
+def test_training_scores_match_brute_force_leave_one_out(dims: int, candidates: int) -> None:
     batches = _batches(_images(6, seed=5), size=4)  # 4 + 2 images
-    model = _model(coreset_ratio=0.3, loo_candidates=candidates, feature_dtype="float32")
+    model = _model(
+        coreset_ratio=0.3,
+        loo_candidates=candidates,
+        search_candidates_dim=dims,
+        feature_dtype="float32",
+    )
     model.fit(batches)
     counts = torch.bincount(model.bank_source.long(), minlength=6)
     assert model.bank_source.dtype == torch.int32 and counts.sum() == len(model.bank)
@@ -442,3 +449,23 @@ def test_train_logs_memory_held_during_fit_behind_a_bar_and_per_tile(
     inputs = 5 * (4 if tiles else 1)  # a 64 px image is 2 x 2 tiles of 32 px
     patches = (4 if tiles else 8) ** 2  # resnet18 layer2: stride 8
     assert line.startswith(f"PatchCore: {inputs} images x {patches} patches = {inputs * patches} ")
+
+
+@pytest.mark.parametrize("rerank", [8, 1])
+def test_other_image_search_is_exact_with_or_without_the_certificate(rerank: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    mix = torch.randn(8, 64, generator=gen)
+    bank = torch.randn(600, 8, generator=gen) @ mix + 0.01 * torch.randn(600, 64, generator=gen)
+    source = torch.randint(0, 12, (600,), generator=gen, dtype=torch.int32)
+    queries = bank[:300] + 0.05 * torch.randn(300, 64, generator=gen)  # near their own rows
+    owner = source[:300]
+    other = loo.OtherImageSearch(bank, source, dim=16, rerank=rerank)
+    dist, idx = other.nearest(queries, owner)
+    brute = torch.cdist(queries.double(), bank.double())
+    brute[source[None] == owner[:, None]] = torch.inf
+    torch.testing.assert_close(dist, brute.min(dim=1).values.float(), rtol=1e-5, atol=1e-5)
+    assert (source[idx] != owner).all()
+    if rerank == 1:  # one candidate never proves itself: the exact fallback answered
+        assert other.last_uncertain > len(queries) // 2
+    else:  # the PCA certificate did the work
+        assert other.last_uncertain < len(queries) // 10

@@ -2,45 +2,85 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-_TILE = 2**22  # floats per (queries x bank) distance tile of the masked exact search
+_TILE = 2**22  # floats per (queries x bank) distance tile
+_PCA_ROWS = 8192  # bank rows the candidate basis is computed from
 
 
-def nearest_other(
-    search: Any,
-    bank: torch.Tensor,
-    source: torch.Tensor,
-    queries: torch.Tensor,
-    owner: torch.Tensor,
-    candidates: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance (M,) and bank index (M,) of each query's nearest row from another image.
+class OtherImageSearch:
+    """Exact nearest bank row from another image, with candidates from a PCA of the bank.
 
-    ``source`` (N,) is the image of each bank row, ``owner`` (M,) that of each query. The
-    ``candidates`` nearest rows come from ``search``; the first one from another image wins.
-    The rare query whose candidates all come from its own image gets an exact masked search.
+    Own-image rows are masked out of the candidate search itself, so no query loses its
+    candidates. The basis is orthonormal, so a row's PCA distance never exceeds its true
+    distance: when the best exact distance among a query's ``rerank`` candidates is at most
+    the last candidate's PCA distance, no other row is nearer. The few queries without that
+    certificate get the exact masked search. ``source`` (N,) is the image of each bank row.
     """
-    k = min(candidates, bank.shape[0])
-    dist, idx = search.search(queries, k=k)  # (M, k), nearest first
-    other = source[idx] != owner[:, None]
-    first = other.to(torch.uint8).argmax(dim=1)  # the first candidate from another image
-    rows = torch.arange(len(queries))
-    best_d, best_i = dist[rows, first], idx[rows, first]
-    lost = (~other.any(dim=1)).nonzero()[:, 0]
-    if len(lost):
-        best_d[lost], best_i[lost] = masked_nearest(bank, source, queries[lost], owner[lost])
-    return best_d, best_i
+
+    def __init__(self, bank: torch.Tensor, source: torch.Tensor, dim: int, rerank: int) -> None:
+        self.full = bank.float()  # once per pass, not per batch
+        self.full_sq = self.full.square().sum(1)
+        self.source = source.to(bank.device)
+        self.rerank = max(1, min(rerank, len(bank)))
+        self.last_uncertain = 0  # queries of the last call that needed the exact search
+        self.low: torch.Tensor | None = None  # the bank's PCA coordinates (N, dim)
+        if dim and bank.shape[1] >= 2 * dim:
+            sample = self.full
+            if len(sample) > _PCA_ROWS:
+                gen = torch.Generator().manual_seed(0)
+                sample = sample[torch.randperm(len(sample), generator=gen)[:_PCA_ROWS]]
+            self.mean = sample.mean(0)
+            centred = sample - self.mean
+            _, vectors = torch.linalg.eigh((centred.T @ centred).double())  # ascending
+            self.basis = vectors[:, -dim:].float().contiguous()
+            self.low = (self.full - self.mean) @ self.basis
+            self.low_sq = self.low.square().sum(1)
+
+    def nearest(
+        self, queries: torch.Tensor, owner: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance (M,) and bank index (M,) of each query's nearest row from image != owner."""
+        queries = queries.to(self.full.device, torch.float32)
+        owner = owner.to(self.full.device)
+        if self.low is None:
+            return masked_nearest(self.full, self.full_sq, self.source, queries, owner)
+        dist = torch.empty(len(queries))
+        idx = torch.empty(len(queries), dtype=torch.int64)
+        uncertain = []
+        step = max(1, _TILE // len(self.full))
+        for s in range(0, len(queries), step):
+            q, own = queries[s : s + step], owner[s : s + step]
+            lq = (q - self.mean) @ self.basis
+            lq_sq = lq.square().sum(1)
+            low = torch.addmm(self.low_sq, lq, self.low.T, alpha=-2) + lq_sq[:, None]
+            low.masked_fill_(self.source[None] == own[:, None], torch.inf)
+            low_d, cand = low.topk(self.rerank, dim=1, largest=False, sorted=True)
+            exact = (self.full[cand] - q[:, None]).square_().sum(-1)  # (m, rerank) squared
+            exact.masked_fill_(low_d.isinf(), torch.inf)  # fewer other rows than candidates
+            best_d, best = exact.min(dim=1)
+            # float32 rounding of the PCA distances is ~1e-6 of the squared norms: keep a margin
+            bound = low_d[:, -1] - 1e-5 * (lq_sq + self.low_sq.max())
+            uncertain.append((best_d > bound).nonzero()[:, 0] + s)
+            dist[s : s + step] = best_d.clamp_min(0).sqrt().cpu()
+            idx[s : s + step] = cand.gather(1, best[:, None])[:, 0].cpu()
+        redo = torch.cat(uncertain)
+        self.last_uncertain = len(redo)
+        if len(redo):
+            dist[redo], idx[redo] = masked_nearest(
+                self.full, self.full_sq, self.source, queries[redo], owner[redo]
+            )
+        return dist, idx
 
 
 def masked_nearest(
-    bank: torch.Tensor, source: torch.Tensor, queries: torch.Tensor, owner: torch.Tensor
+    full: torch.Tensor,
+    full_sq: torch.Tensor,
+    source: torch.Tensor,
+    queries: torch.Tensor,
+    owner: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest bank row from another image: (distances (M,), indices (M,)); inf if none."""
-    full = bank.float()
-    full_sq = full.square().sum(1)
+    """Exact nearest row of float32 ``full`` from another image: (dist, index); inf if none."""
     step = max(1, _TILE // full.shape[0])
     dist = torch.empty(len(queries))
     idx = torch.empty(len(queries), dtype=torch.int64)
@@ -48,9 +88,10 @@ def masked_nearest(
         q = queries[start : start + step].to(full.device, torch.float32)
         # ||q - b||^2 = ||q||^2 + ||b||^2 - 2 q.b : (m, N), same-image rows masked out
         sq = torch.addmm(full_sq, q, full.T, alpha=-2) + q.square().sum(1, keepdim=True)
-        sq.masked_fill_(source[None].to(sq.device) == owner[start : start + step, None], torch.inf)
+        own = owner[start : start + step, None].to(sq.device)
+        sq.masked_fill_(source[None].to(sq.device) == own, torch.inf)
         d, i = sq.min(dim=1)
-        dist[start : start + step], idx[start : start + step] = d.clamp_min(0).sqrt().cpu(), i
+        dist[start : start + step], idx[start : start + step] = d.clamp_min(0).sqrt().cpu(), i.cpu()
     return dist, idx
 
 

@@ -38,7 +38,7 @@ class PatchCoreConfig:
     projection_dim: int = 128
     score: str = "max"
     num_neighbors: int = 9
-    loo_candidates: int = 16  # leave-one-out: neighbours searched before same-image ones drop
+    loo_candidates: int = 32  # leave-one-out: other-image PCA candidates re-ranked exactly
     search: str = "auto"
     search_candidates_dim: int = 256  # exact search via candidates from a PCA (0 = plain)
     search_rerank: int = 32  # candidates re-ranked exactly in full dimension
@@ -340,20 +340,19 @@ class PatchCore(Model):
         if bool((self.bank_source == self.bank_source[0]).all()):
             return None  # one training image: there is no other image to score it against
         scores, images = [], 0
+        other = loo.OtherImageSearch(
+            self.bank,
+            self.bank_source,
+            self.config.search_candidates_dim,
+            self.config.loo_candidates,
+        )
         # the paper's re-weighting reads the bank in float32 on the CPU: convert it once
-        paper_bank = self.bank.cpu().float() if self.config.score == "paper" else None
+        paper_bank = other.full.cpu() if self.config.score == "paper" else None
         for batch in train_loader:
             emb, _ = self.embedder(batch["image"].to(self.components.device))
             b, p, d = emb.shape
             owner = _owners(self._source_base + images, b, p)
-            dist, idx = loo.nearest_other(
-                self.search,
-                self.bank,
-                self.bank_source,
-                emb.reshape(b * p, d),
-                owner,
-                self.config.loo_candidates,
-            )
+            dist, idx = other.nearest(emb.reshape(b * p, d), owner)
             patch_scores = dist.reshape(b, p)
             if paper_bank is not None:
                 scores.append(
