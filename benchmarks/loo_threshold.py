@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="also time the exact masked search")
     args = parser.parse_args()
     run = engine.load_run(args.run_dir)
-    net, cfg = run.model, run.cfg
+    net: Any = run.model  # a PatchCore run: its bank, bank_source, embedder and search
+    cfg = run.config
     samples = data.find_samples(run.metadata["dataset"], "train", skip_bad=cfg.data.skip_bad)
     norm = run.metadata["normalization"]
     loader = batch_loader(samples[: args.images], cfg, norm["mean"], norm["std"])
