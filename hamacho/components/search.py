@@ -74,7 +74,7 @@ def _ivfpq_defaults(n: int, d: int) -> dict[str, int]:
     return {"nlist": nlist, "m": d // dsub, "nbits": nbits}
 
 
-def _pca(bank: torch.Tensor, dim: int, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_basis(bank: torch.Tensor, dim: int, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D,) and top-``dim`` principal directions (D, dim) of up to ``rows`` bank rows.
 
     Any orthonormal basis keeps the search exact; a good one only makes it faster.
@@ -181,7 +181,7 @@ class NearestNeighbourSearch:
         self._candidates = self._pca = None
         if self.candidates_dim and bank.shape[1] >= 2 * self.candidates_dim:
             self._fit_torch(bank)  # the full bank, for the exact re-ranking
-            self._fit_projected(_pca(self._fitted_bank(), self.candidates_dim))
+            self._fit_projected(pca_basis(self._fitted_bank(), self.candidates_dim))
         elif self.backend == "torch":
             self._fit_torch(bank)
         else:

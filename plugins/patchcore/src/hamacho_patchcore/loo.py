@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from hamacho.components.search import pca_basis
+
 _TILE = 2**22  # floats per (queries x bank) distance tile
-_PCA_ROWS = 8192  # bank rows the candidate basis is computed from
 
 
 class OtherImageSearch:
@@ -26,14 +27,7 @@ class OtherImageSearch:
         self.last_uncertain = 0  # queries of the last call that needed the exact search
         self.low: torch.Tensor | None = None  # the bank's PCA coordinates (N, dim)
         if dim and bank.shape[1] >= 2 * dim:
-            sample = self.full
-            if len(sample) > _PCA_ROWS:
-                gen = torch.Generator().manual_seed(0)
-                sample = sample[torch.randperm(len(sample), generator=gen)[:_PCA_ROWS]]
-            self.mean = sample.mean(0)
-            centred = sample - self.mean
-            _, vectors = torch.linalg.eigh((centred.T @ centred).double())  # ascending
-            self.basis = vectors[:, -dim:].float().contiguous()
+            self.mean, self.basis = pca_basis(self.full, dim)
             self.low = (self.full - self.mean) @ self.basis
             self.low_sq = self.low.square().sum(1)
 
