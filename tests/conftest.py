@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,14 @@ def hamacho_cli(site: Path, *args: str, **env: str) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", "hamacho", *args], capture_output=True, text=True, env=environ
     )
+
+
+def need_chromium(note: str = "") -> str:
+    """The chromium binary; else skip, but fail under CI=true (never a silent skip in CI)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        why = "chromium not installed (apt-get install -y chromium)" + note
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI must run the browser check: {why}")
+        pytest.skip(why)
+    return browser

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytest
 
 from hamacho import engine, predicting, report
 
-from .conftest import FAST
+from .conftest import FAST, need_chromium
 
 SECTIONS = {"metrics", "roc", "histogram", "worst-good", "worst-defect"}
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "circle", "line", "rect"}
@@ -132,12 +130,7 @@ def test_describe_threshold_methods():
 
 
 def test_report_renders_in_headless_chromium(tested, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        why = "chromium not installed (apt-get install -y chromium); html.parser still ran"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI must run the browser check: {why}")  # never a silent skip in CI
-        pytest.skip(why)
+    browser = need_chromium("; html.parser still ran")
     run_dir, _ = tested
     shot = tmp_path / "shot.png"
     args = [

@@ -7,7 +7,6 @@ import fcntl
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -32,7 +31,7 @@ from hamacho.components import visualize
 from hamacho.errors import UsageError
 from hamacho.serve.cli import parse_runs
 
-from .conftest import API_FAST
+from .conftest import API_FAST, need_chromium
 
 # data.max_pixels: so a 200 x 200 image trips the run's decompression-bomb guard
 FAST = {**API_FAST, "data.max_pixels": 20_000}
@@ -389,12 +388,7 @@ class _Chromium:
 
 
 def test_page_uploads_an_image_and_shows_the_verdict(url, detector, tiny_mvtec, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        why = "chromium not installed (apt-get install -y chromium)"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI must run the browser check: {why}")  # never a silent skip in CI
-        pytest.skip(why)
+    browser = need_chromium()
     path = _images(tiny_mvtec)[-1]
     expected = detector.predict(path)
     chrome = _Chromium(browser, tmp_path / "profile")
