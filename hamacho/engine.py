@@ -214,11 +214,21 @@ def _fit_and_save(
         "threshold": threshold,
         **info,
     }
+    save_run(run_dir, net, metadata, cfg, summary)
+    return fit_seconds
+
+
+def save_run(
+    run_dir: Path, net: Model, metadata: dict, cfg: Config, summary: dict, **more: dict
+) -> None:
+    """Write a run (artifact, config.yaml, train.json, then ``NAME.json`` for each of ``more``)
+    as one whole-folder replacement."""
     with rundir.new_run(run_dir, _TRAIN_FIX) as staging:
         artifact.save_artifact(staging / ARTIFACT, net.state_dict(), metadata)
         (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(staging / "train.json", summary)
-    return fit_seconds
+        for name, content in more.items():
+            write_json(staging / f"{name}.json", content)
 
 
 def uses_leave_one_out(cls: type[Model], cfg: Config) -> bool:

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import hamacho
 from hamacho import engine, rundir
-from hamacho.components import artifact, data
+from hamacho.components import data
 from hamacho.errors import UsageError
 from hamacho.grow import outliers
 from hamacho.grow.settings import check_alike, history, images_seen, require
-from hamacho.runtime import Batches, Run, batch_loader, write_json
+from hamacho.runtime import Batches, Run, batch_loader
 
 _FIX = "Choose a writable --output folder"
 Echo = engine.Echo
@@ -145,9 +144,7 @@ def _metadata(run: Run, lines: list[dict[str, Any]], scores: list[float], source
 
 def _save(run: Run, meta: dict, target: Path, summary: dict, report: dict | None = None) -> None:
     """Write the run (artifact, config.yaml, train.json, merge.json) in one commit."""
-    with rundir.new_run(target, _FIX) as staging:
-        artifact.save_artifact(staging / engine.ARTIFACT, run.model.state_dict(), meta)
-        (staging / "config.yaml").write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
-        write_json(staging / "train.json", {"model": meta["model"], **summary})
-        if report is not None:
-            write_json(staging / "merge.json", report)
+    more = {"merge": report} if report is not None else {}
+    engine.save_run(
+        target, run.model, meta, run.config, {"model": meta["model"], **summary}, **more
+    )
