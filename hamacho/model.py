@@ -158,6 +158,11 @@ class Model:
         return None
 
 
+def offers(model_cls: type[Model], hook: str) -> bool:
+    """Whether ``model_cls`` overrides the optional ``hook`` (``update``, ``merge``, ...)."""
+    return getattr(model_cls, hook, None) not in (None, getattr(Model, hook))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict."""
     return dataclasses.asdict(config)
