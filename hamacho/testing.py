@@ -49,7 +49,7 @@ def assert_model_contract(
     Also checks that a good test image with an obvious defect pasted in (a high-contrast
     checkerboard over the middle ninth) scores, and maps, above the same image without it, and
     the optional hooks the model offers (``update``, ``merge``, ``outlier_score``; see
-    ``_assert_hooks``): a model without them passes on the rest.
+    ``hamacho.contract_hooks``): a model without them passes on the rest.
     ``data_root`` is an MVTec-layout folder (``hamacho.components.synthetic`` makes one);
     ``overrides`` are config sections on top of the model's ``test_overrides``.
     """
@@ -87,7 +87,9 @@ def assert_model_contract(
     second = again.predict(images)
     torch.testing.assert_close(second.scores, first.scores)
     torch.testing.assert_close(second.maps, first.maps)
-    _assert_hooks(model_cls, cfg, train, images)
+    from hamacho.contract_hooks import assert_hooks
+
+    assert_hooks(model_cls, cfg, train, images, _predicted)
 
 
 def _predicted(model: Any, images: Any, after: str) -> Any:
@@ -107,83 +109,6 @@ def _predicted(model: Any, images: Any, after: str) -> Any:
         f"after {after}: predict returned non-finite scores or maps"
     )
     return pred
-
-
-def _assert_hooks(model_cls: type[Model], cfg: Any, train: Any, images: Any) -> None:
-    """The optional hooks ``model_cls`` offers, on models A and B fitted on train's two halves.
-
-    ``update`` with B's images and ``merge([B])`` must leave a model that predicts the right
-    shapes and scores B's images lower than A alone did (a hook that changes nothing fails);
-    ``merge`` must refuse a model of another class with a HamachoError (the CLI's one line) and
-    stay unchanged; ``outlier_score`` must return a finite float.
-    """
-    import math
-
-    import torch
-    from torch.utils.data import Subset
-
-    from hamacho.components import data
-    from hamacho.engine import make_components
-    from hamacho.errors import HamachoError
-    from hamacho.model import Model, offers
-
-    hooks = [hook for hook in ("update", "merge", "outlier_score") if offers(model_cls, hook)]
-    if not hooks:
-        return
-    half = list(range(len(train) // 2))
-    rest = list(range(len(half), len(train)))
-
-    def loader(part: list[int]) -> Any:
-        return data.make_loader(Subset(train, part), cfg.data.batch_size)
-
-    def fitted(part: list[int] | None = None, state: dict | None = None) -> Any:
-        net = model_cls(cfg.model, make_components(cfg))
-        if state is None:
-            net.fit(loader(part or []))
-        else:  # a copy, as a run loaded from its artifact
-            net.load_state_dict({key: value.clone() for key, value in state.items()})
-        return net
-
-    a, b = fitted(half), fitted(rest)
-    new = torch.stack([train[i]["image"] for i in rest])
-    before = float(a.predict(new).scores.mean())
-    if "outlier_score" in hooks:
-        score = fitted(state=a.state_dict()).outlier_score([fitted(state=b.state_dict())])
-        assert isinstance(score, float), f"outlier_score returned {type(score).__name__}, not float"
-        assert math.isfinite(score), f"outlier_score returned {score}, not a finite float"
-    if "update" in hooks:
-        grown = fitted(state=a.state_dict())
-        grown.update(loader(rest))
-        _assert_grew(grown, new, images, before, "update")
-    if "merge" in hooks:
-        merged = fitted(state=a.state_dict())
-        unchanged = merged.predict(images)
-        stranger = type("Stranger", (Model,), {"name": "stranger"})(cfg.model, None)
-        try:
-            merged.merge([stranger])
-        except HamachoError:
-            pass
-        except Exception as exc:
-            raise AssertionError(
-                f"merge with a model of another class raised {type(exc).__name__}: {exc}; it "
-                "must refuse it with a hamacho.errors.HamachoError naming the mismatch"
-            ) from exc
-        else:
-            raise AssertionError("merge accepted a model of another class: it must refuse it")
-        again = merged.predict(images)
-        assert torch.equal(again.scores, unchanged.scores), "a refused merge changed the model"
-        merged.merge([fitted(state=b.state_dict())])
-        _assert_grew(merged, new, images, before, "merge")
-
-
-def _assert_grew(net: Any, new: Any, images: Any, before: float, hook: str) -> None:
-    """After ``hook``, predict keeps its shapes, and the images it added score below before."""
-    _predicted(net, images, hook)
-    after = float(_predicted(net, new, hook).scores.mean())
-    assert after < before, (
-        f"{hook} did not change the model: the images it added score {after:.4g} on average, "
-        f"not below the {before:.4g} they scored before"
-    )
 
 
 def _assert_defect_scores_higher(model: Any, test: Any, mean: Any, std: Any) -> None:
