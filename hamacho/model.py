@@ -121,7 +121,9 @@ class Model:
 
         ``others`` were trained elsewhere on other images; afterwards this model should be what
         ``fit`` on all their images would give. The core has checked that the runs' settings and
-        backbone weights agree. Not overriding it means the model cannot be merged.
+        backbone weights agree; refuse a model it cannot absorb (another class, another feature
+        grid) with a ``hamacho.errors`` error, before changing anything. Not overriding it means
+        the model cannot be merged.
         """
         raise NotImplementedError
 
@@ -156,6 +158,11 @@ class Model:
             if fnmatch.fnmatchcase(backbone, pattern):
                 return list(layers)
         return None
+
+
+def offers(model_cls: type[Model], hook: str) -> bool:
+    """Whether ``model_cls`` overrides the optional ``hook`` (``update``, ``merge``, ...)."""
+    return getattr(model_cls, hook, None) not in (None, getattr(Model, hook))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

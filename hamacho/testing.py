@@ -47,7 +47,9 @@ def assert_model_contract(
     """Run ``model_cls`` through fit -> predict -> save -> load -> predict and check the results.
 
     Also checks that a good test image with an obvious defect pasted in (a high-contrast
-    checkerboard over the middle ninth) scores, and maps, above the same image without it.
+    checkerboard over the middle ninth) scores, and maps, above the same image without it, and
+    the optional hooks the model offers (``update``, ``merge``, ``outlier_score``; see
+    ``hamacho.contract_hooks``): a model without them passes on the rest.
     ``data_root`` is an MVTec-layout folder (``hamacho.components.synthetic`` makes one);
     ``overrides`` are config sections on top of the model's ``test_overrides``.
     """
@@ -59,7 +61,6 @@ def assert_model_contract(
     from hamacho import config as config_mod
     from hamacho.components import artifact, data
     from hamacho.engine import make_components
-    from hamacho.model import Prediction
 
     layers = [
         {"model": dict(getattr(model_cls, "test_overrides", {}))},
@@ -73,12 +74,7 @@ def assert_model_contract(
     model.fit(data.make_loader(train, cfg.data.batch_size))
     test = data.ImageDataset(data.find_samples(Path(data_root), "test"), cfg.data, mean, std)
     images = torch.stack([test[i]["image"] for i in range(min(len(test), 6))])
-    first = model.predict(images)
-    assert isinstance(first, Prediction), "predict must return hamacho.Prediction"
-    b, _, h, w = images.shape
-    assert first.scores.shape == (b,), f"scores shape {tuple(first.scores.shape)} != ({b},)"
-    assert first.maps.shape == (b, h, w), f"maps shape {tuple(first.maps.shape)} != {(b, h, w)}"
-    assert torch.isfinite(first.scores).all() and torch.isfinite(first.maps).all()
+    first = _predicted(model, images, "fit")
     _assert_defect_scores_higher(model, test, mean, std)
     state = model.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values()), "state_dict: tensors only"
@@ -91,6 +87,28 @@ def assert_model_contract(
     second = again.predict(images)
     torch.testing.assert_close(second.scores, first.scores)
     torch.testing.assert_close(second.maps, first.maps)
+    from hamacho.contract_hooks import assert_hooks
+
+    assert_hooks(model_cls, cfg, train, images, _predicted)
+
+
+def _predicted(model: Any, images: Any, after: str) -> Any:
+    """``model.predict(images)``, checked: a Prediction of the right shapes, finite."""
+    import torch
+
+    from hamacho.model import Prediction
+
+    pred = model.predict(images)
+    assert isinstance(pred, Prediction), f"predict after {after} must return hamacho.Prediction"
+    b, _, h, w = images.shape
+    shape = tuple(pred.scores.shape)
+    assert shape == (b,), f"after {after}: scores shape {shape} != ({b},)"
+    shape = tuple(pred.maps.shape)
+    assert shape == (b, h, w), f"after {after}: maps shape {shape} != {(b, h, w)}"
+    assert torch.isfinite(pred.scores).all() and torch.isfinite(pred.maps).all(), (
+        f"after {after}: predict returned non-finite scores or maps"
+    )
+    return pred
 
 
 def _assert_defect_scores_higher(model: Any, test: Any, mean: Any, std: Any) -> None:

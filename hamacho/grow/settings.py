@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hamacho.errors import UsageError
-from hamacho.model import Model
+from hamacho.model import Model, offers
 from hamacho.runtime import Run
 
 _PREPROCESSING = ("image_size", "crop_size")  # data settings that change the features
@@ -13,7 +13,7 @@ _PREPROCESSING = ("image_size", "crop_size")  # data settings that change the fe
 
 def require(net: Model, hook: str) -> None:
     """UsageError unless the model overrides the optional ``hook`` (update / merge / ...)."""
-    if getattr(type(net), hook, None) in (None, getattr(Model, hook)):
+    if not offers(type(net), hook):
         what = {"outlier_score": "outlier rejection (drop --reject-outliers)"}.get(hook, hook)
         raise UsageError(f"model {net.name!r} does not support {what}")
 

@@ -133,3 +133,24 @@ def test_outlier_score_separates_a_shifted_site():
     sites = [*alike, odd]
     scores = [s.outlier_score([o for o in sites if o is not s]) for s in sites]
     assert scores[3] > 3 * max(scores[:3])
+
+
+def test_statistics_shared_without_a_copy_stay_unchanged():
+    gen = torch.Generator().manual_seed(1)
+    first, more = torch.randn(3, 10, 4, generator=gen), torch.randn(3, 6, 4, generator=gen)
+    saved = GaussianAccumulator(3, 4)
+    saved.update(first)
+    mean, scatter = saved.mean.clone(), saved.scatter.clone()
+    shared = GaussianAccumulator.restore(saved.count, saved.mean, saved.scatter, copy=False)
+    copied = GaussianAccumulator.restore(saved.count, saved.mean, saved.scatter)
+    for stats in (shared, copied):
+        stats.update(more[:, :2])
+        stats.update(more[:, 2:])
+    pooled = GaussianAccumulator.restore(saved.count, saved.mean, saved.scatter, copy=False)
+    pooled.merge_(saved)
+    precision = saved.precision(0.01)
+    assert torch.equal(saved.mean, mean) and torch.equal(saved.scatter, scatter)
+    assert torch.equal(shared.scatter, copied.scatter) and torch.equal(shared.mean, copied.mean)
+    assert torch.allclose(pooled.scatter, 2 * scatter) and pooled.count == 20
+    want = torch.linalg.inv(scatter.double() / 9 + 0.01 * torch.eye(4, dtype=torch.float64))
+    assert torch.allclose(precision.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())

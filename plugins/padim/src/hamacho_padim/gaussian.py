@@ -26,6 +26,7 @@ class GaussianAccumulator:
         self.count = 0
         self.mean = torch.zeros(positions, dim, device=device)
         self.scatter = torch.zeros(positions, dim, dim, device=device)
+        self._shared = False  # mean and scatter are another's: the first change makes new ones
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch x (P, B, d) of B samples at each of the P positions."""
@@ -39,19 +40,30 @@ class GaussianAccumulator:
             # single bmm updates all positions without a (P, d, d) temporary.
             scale = math.sqrt(self.count * n / total)
             rows = torch.cat([rows, delta[:, None] * scale], dim=1)  # (P, B+1, d)
-        self.scatter.baddbmm_(rows.transpose(1, 2), rows)
-        self.mean.add_(delta, alpha=n / total)
+        if self._shared:  # out of place, once: the saved statistics stay as they were
+            self.scatter = torch.baddbmm(self.scatter, rows.transpose(1, 2), rows)
+            self.mean = self.mean.add(delta, alpha=n / total)
+            self._shared = False
+        else:
+            self.scatter.baddbmm_(rows.transpose(1, 2), rows)
+            self.mean.add_(delta, alpha=n / total)
         self.count = total
 
     @classmethod
     def restore(
         cls, count: int, mean: torch.Tensor, scatter: torch.Tensor, copy: bool = True
     ) -> GaussianAccumulator:
-        """An accumulator holding saved statistics (copied unless ``copy`` is False)."""
+        """An accumulator holding saved statistics.
+
+        With ``copy`` False it shares ``mean`` and ``scatter`` without copying them: ``update``
+        and ``merge_`` then write their results to new tensors, leaving these unchanged.
+        """
         stats = cls(0, 0, mean.device)
         stats.count, stats.mean, stats.scatter = count, mean.float(), scatter.float()
         if copy:
             stats.mean, stats.scatter = stats.mean.clone(), stats.scatter.clone()
+        else:
+            stats._shared = True
         return stats
 
     def merge_(self, other: GaussianAccumulator) -> None:
@@ -60,14 +72,18 @@ class GaussianAccumulator:
         scale, weight = self.count * other.count / n, other.count / n
         positions, d = self.mean.shape
         block = max(1, _BLOCK_BYTES // (3 * 8 * d * d))
+        means, scatters = self.mean, self.scatter
+        if self._shared:  # write to new tensors, once: the saved statistics stay as they were
+            means, scatters = torch.empty_like(self.mean), torch.empty_like(self.scatter)
         for start in range(0, positions, block):
             part = slice(start, start + block)
             mean = self.mean[part].double()
             delta = other.mean[part].to(mean) - mean  # (p, d)
             scatter = self.scatter[part].double() + other.scatter[part].to(mean)
             scatter.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=scale)
-            self.scatter[part] = scatter
-            self.mean[part] = mean + delta * weight
+            scatters[part] = scatter
+            means[part] = mean + delta * weight
+        self.mean, self.scatter, self._shared = means, scatters, False
         self.count = n
 
     def keep_(self, channels: torch.Tensor) -> None:
@@ -76,13 +92,24 @@ class GaussianAccumulator:
         self.mean = self.mean.index_select(1, idx)
         self.scatter = self.scatter.index_select(1, idx).index_select(2, idx)
 
-    def covariance_(self, regularization: float = 0.0) -> torch.Tensor:
-        """Unbiased covariance + regularization * I, computed in place of the scatter."""
+    def precision(self, regularization: float = 0.0) -> torch.Tensor:
+        """(unbiased covariance + regularization * I)^-1 per position, a new (P, d, d) tensor.
+
+        Computed block by block from the scatter (float64 Cholesky), which stays unchanged: no
+        full-size copy of it is made.
+        """
         if self.count < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {self.count}")
-        cov = self.scatter.div_(self.count - 1)
-        cov.diagonal(dim1=1, dim2=2).add_(regularization)
-        return cov
+        out = torch.empty_like(self.scatter)
+        d = out.shape[-1]
+        block = max(1, _BLOCK_BYTES // (3 * 8 * d * d))
+        with _cpu_threads(out):
+            for start in range(0, out.shape[0], block):
+                part = out[start : start + block]
+                torch.div(self.scatter[start : start + block], self.count - 1, out=part)
+                part.diagonal(dim1=1, dim2=2).add_(regularization)
+                _invert_blocks(part, block, start)
+        return out
 
 
 @contextlib.contextmanager
@@ -100,20 +127,24 @@ def invert_spd_(matrices: torch.Tensor) -> torch.Tensor:
     """Replace SPD matrices (P, d, d) by their inverses in place (float64 Cholesky per block)."""
     d = matrices.shape[-1]
     block = max(1, _BLOCK_BYTES // (3 * 8 * d * d))
-    # MKL threads each small LAPACK call, which thrashes when cores are shared: 3136 inverses of
-    # 100 x 100 took 0.7 s with 1 thread but 5.5 s with 2 on a busy 2-core CPU.
-    threads = _one_cpu_thread() if matrices.device.type == "cpu" else contextlib.nullcontext()
-    with threads:
+    with _cpu_threads(matrices):
         _invert_blocks(matrices, block)
     return matrices
 
 
-def _invert_blocks(matrices: torch.Tensor, block: int) -> None:
+def _cpu_threads(matrices: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    # MKL threads each small LAPACK call, which thrashes when cores are shared: 3136 inverses of
+    # 100 x 100 took 0.7 s with 1 thread but 5.5 s with 2 on a busy 2-core CPU.
+    return _one_cpu_thread() if matrices.device.type == "cpu" else contextlib.nullcontext()
+
+
+def _invert_blocks(matrices: torch.Tensor, block: int, offset: int = 0) -> None:
+    """Invert ``matrices`` in place, ``block`` at a time; ``offset`` numbers them in errors."""
     for start in range(0, matrices.shape[0], block):
         part = matrices[start : start + block]
         chol, info = torch.linalg.cholesky_ex(part.double())
         if info.any():
-            bad = start + int(info.nonzero()[0, 0])
+            bad = offset + start + int(info.nonzero()[0, 0])
             raise ConfigError(
                 f"PaDiM covariance at position {bad} is singular. Set model.regularization > 0 "
                 "(the paper uses 0.01) or train on more images"

@@ -15,7 +15,6 @@ from hamacho.components.features import map_chunks, resize_maps
 from hamacho.errors import ArtifactError, ConfigError, DataError, ResourceError
 from hamacho_padim.gaussian import (
     GaussianAccumulator,
-    invert_spd_,
     loo_mahalanobis,
     mahalanobis,
 )
@@ -282,9 +281,8 @@ class Padim(Model):
 
     def _finish(self, stats: GaussianAccumulator) -> None:
         """Keep the statistics, then invert their covariance into the precision."""
-        self.scatter = stats.scatter.clone()
-        self.precision = invert_spd_(stats.covariance_(self.config.regularization))
-        self.mean, self.n_train = stats.mean, stats.count
+        self.precision = stats.precision(self.config.regularization)
+        self.scatter, self.mean, self.n_train = stats.scatter, stats.mean, stats.count
 
     def _statistics(self, action: str, copy: bool = True) -> GaussianAccumulator:
         """The fitted statistics as an accumulator; ArtifactError where they were not saved."""
@@ -303,7 +301,7 @@ class Padim(Model):
 
     def update(self, train_loader: Iterable[dict[str, Any]]) -> None:
         """Stream more good images into the saved statistics: exactly a fit on all of them."""
-        stats = self._statistics("update")
+        stats = self._statistics("update", copy=False)  # the first batch makes new tensors
         with torch.no_grad():
             for batch in train_loader:
                 x = self._embed(batch["image"])  # (P, B, d)
@@ -313,7 +311,7 @@ class Padim(Model):
 
     def merge(self, others: Sequence[Model]) -> None:
         """Pool other sites' statistics into these (exact: a fit on the union of their images)."""
-        stats = self._statistics("merge")
+        stats = self._statistics("merge", copy=False)  # the first merge_ makes new tensors
         for other in others:
             if not isinstance(other, Padim) or other.grid != self.grid:
                 raise ConfigError("PaDiM merges only PaDiM runs fitted on the same feature grid")
@@ -335,12 +333,12 @@ class Padim(Model):
 
     def outlier_score(self, others: Sequence[Model]) -> float:
         """Mean squared Mahalanobis distance of this site's means under the others' pooled fit."""
-        pooled = others[0]._statistics("merge")  # type: ignore[attr-defined]
+        pooled = others[0]._statistics("merge", copy=False)  # type: ignore[attr-defined]
         for other in others[1:]:
             pooled.merge_(other._statistics("merge", copy=False))  # type: ignore[attr-defined]
         assert self.mean is not None
         with torch.no_grad():
-            precision = invert_spd_(pooled.covariance_(self.config.regularization))
+            precision = pooled.precision(self.config.regularization)
             dist = mahalanobis(self.mean[:, None].to(precision.device), pooled.mean, precision)
         return float(dist.mean()) / self.dim
 
