@@ -11,7 +11,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -43,8 +42,6 @@ from hamacho.runtime import (
     peak_rss_mb,
     per_image_max,
     predict_batch,
-    progress_bar,
-    to_uint8,
     write_json,
 )
 
@@ -403,22 +400,7 @@ def evaluate_split(
     echo(f"testing on {root}" + ("" if data_dir else " (recorded at training; --data overrides)"))
     samples = data.find_samples(root, "test", skip_bad=run.config.data.skip_bad)
     loader = batch_loader(samples, run.config, run.mean, run.std)
-    scores, maps, masks, seconds = [], [], [], 0.0
-    images: list[np.ndarray] = []
-    for batch in progress_bar(loader, progress, "test"):
-        start = time.perf_counter()
-        pred = predict_batch(run.model, batch["image"], run.tiler)
-        seconds += time.perf_counter() - start
-        scores.append(pred.scores.float().cpu())
-        maps.append(pred.maps.float().cpu())
-        masks.append(batch["mask"][:, 0] > 0.5)
-        if write_maps:
-            images.extend(to_uint8(batch["image"], run.mean, run.std))
-    score = torch.cat(scores).numpy()
-    amap = torch.cat(maps).numpy()
-    mask = torch.cat(masks).numpy()
-    drawn = images if write_maps else None
-    return evaluate(run, root, samples, score, amap, mask, seconds, drawn, staging)
+    return evaluate(run, root, loader, staging, write_maps, progress)
 
 
 def list_models() -> list[dict[str, str]]:

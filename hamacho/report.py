@@ -109,8 +109,9 @@ def write_report(
 
 
 _NOTE = (
-    "Panels: input | heat map (one colour scale for the whole test set) | ground truth, if any "
-    "| predicted region at the threshold (red outline)."
+    "Panels: input | heat map (one colour scale for the run: the median good training score "
+    "a quarter of the way up, the threshold halfway; each panel its own if the run has no "
+    "threshold) | ground truth, if any | predicted region at the threshold (red outline)."
 )
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hamacho import Model, Prediction, engine, hookimpl, predicting
+from hamacho import Model, Prediction, engine, evaluation, hookimpl, predicting
+from hamacho.components import visualize
 from hamacho.model import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 16
@@ -137,3 +138,74 @@ def test_tiled_image_score_is_its_worst_tile(channels, tmp_path):
     )  # 64 * 255 / 256
     assert float(rows["spot"]["score"]) == pytest.approx(_normalised_green(worst), abs=1e-5)
     assert float(rows["good"]["score"]) == pytest.approx(_normalised_green(0), abs=1e-5)
+
+
+def _metric_values(run: Path) -> dict:
+    saved = json.loads((run / "metrics.json").read_text())
+    return {k: v for k, v in saved.items() if k not in ("peak_rss_mb", "inference_ms_per_image")}
+
+
+def test_panels_written_per_batch_share_the_runs_colour_scale(channels, crafted, tmp_path):
+    for i, green in enumerate((20, 30, 40, 50, 60, 70)):  # good scores to set the scale from
+        _png(crafted / "train" / "good" / f"{i:03d}.png", _image(green))
+    sets = _sets(SIZE, "threshold.source=holdout", "threshold.holdout=0.5")
+    run = engine.train("channels", crafted, overrides=sets, output=tmp_path / "run")
+    engine.test(run, write_maps=False)
+    without = _metric_values(run)
+    engine.test(run)  # 10 images in batches of 4
+    assert _metric_values(run) == without  # the maps change no number
+    loaded = engine.load_run(run)
+    vmin, vmax = evaluation.colour_scale(loaded)
+    median = float(np.median(loaded.metadata["good_scores"]))
+    assert vmin is not None and vmax is not None
+    assert (median - vmin) / (vmax - vmin) == pytest.approx(0.25)  # a quarter of the way up
+    assert (loaded.threshold - vmin) / (vmax - vmin) == pytest.approx(0.5)  # the threshold halfway
+    panels = sorted((run / "maps").rglob("*.png"))
+    assert [p.relative_to(run / "maps").parent.name for p in panels] == ["good"] * 4 + ["spot"] * 6
+    for panel in panels:
+        pixels = np.asarray(Image.open(panel).convert("RGB"))
+        tiles = 4 if panel.parent.name == "spot" else 3  # input | heat | [mask] | prediction
+        assert pixels.shape == (SIZE, tiles * SIZE, 3)
+        image = pixels[:, :SIZE]
+        amap = (image[..., 0] / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]  # the model's map
+        heat = visualize.overlay_panel(image, amap, vmin=vmin, vmax=vmax)[:, SIZE:]
+        assert np.abs(pixels[:, SIZE : 2 * SIZE].astype(int) - heat).max() <= 1
+
+
+def test_pixel_metrics_leave_out_defects_without_a_mask(channels, crafted, tmp_path):
+    """A CSV defect row without a mask has no pixel truth: its all-red map must not count."""
+    run = engine.train("channels", crafted, overrides=_sets(), output=tmp_path / "run")
+    red = _image(40, slice(0, SIZE))
+    red[..., 0] = 255
+    _png(tmp_path / "red.png", red)
+    rows = [f"{p},good" for p in sorted((crafted / "test" / "good").iterdir())]
+    for p in sorted((crafted / "test" / "spot").iterdir()):
+        rows.append(f"{p},spot,{crafted / 'ground_truth' / 'spot' / (p.stem + '_mask.png')}")
+    rows.append(f"{tmp_path / 'red.png'},spot,")
+    (tmp_path / "list.csv").write_text("path,label,mask\n" + "\n".join(rows) + "\n")
+    result = engine.test(run, tmp_path / "list.csv")
+    assert result["pixel_auroc"] == pytest.approx(0.75)
+    assert result["images"] == {"good": 4, "defect": 7}
+    assert (run / "maps" / "spot" / "red.png").exists()  # its panel is still drawn
+
+
+def test_skip_bad_drops_an_unreadable_test_image(channels, crafted, tmp_path):
+    (crafted / "test" / "good" / "zzz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    sets = _sets(SIZE, "data.skip_bad=true")
+    run = engine.train("channels", crafted, overrides=sets, output=tmp_path / "run")
+    result = engine.test(run, write_maps=False)
+    assert result["images"] == {"good": 4, "defect": 6}
+    assert result["image_auroc"] == pytest.approx(0.875)
+    rows = list(csv.DictReader((run / "scores.csv").open()))
+    assert len(rows) == 10 and not any("zzz_broken" in r["path"] for r in rows)
+
+
+def test_a_run_without_good_scores_draws_each_panel_on_its_own_scale(channels, crafted, tmp_path):
+    run = engine.train("channels", crafted, overrides=_sets(), output=tmp_path / "run")
+    assert evaluation.colour_scale(engine.load_run(run)) == (None, None)  # no threshold
+    engine.test(run)
+    panel = np.asarray(Image.open(run / "maps" / "spot" / "000.png").convert("RGB"))
+    image, heat = panel[:, :SIZE], panel[:, SIZE : 2 * SIZE].astype(int)
+    amap = (image[..., 0] / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    own = visualize.overlay_panel(image, amap)[:, SIZE:]  # the map's own min and max
+    assert np.abs(heat - own).max() <= 1 and heat[0, 0, 0] > heat[5, 5, 0]  # red spot: red

@@ -74,12 +74,12 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """Pixel-level AUROC of (N, H, W) anomaly maps against ground-truth masks (nan with one class).
 
-    Pixels are pooled over all images; maps are cast to float32 to keep ~1e7 pixels cheap.
+    Pixels are pooled over all images; maps are cast to float32 (see PixelMetrics).
     """
     gt, amap = _masks_maps(masks, maps)
-    if gt.all() or not gt.any():
-        return float("nan")
-    return float(roc_auc_score(gt.reshape(-1), amap.reshape(-1)))
+    store = PixelMetrics(len(gt))
+    store.add(gt, amap)
+    return store.compute()[0]
 
 
 def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -120,28 +120,126 @@ def _pro_curve(gt: np.ndarray, amap: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr, np.clip(pro, 0.0, 1.0)
 
 
-def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under y(x) for x in [x[0], x_max], interpolating y at the cut."""
-    cut = int(np.searchsorted(x, x_max, side="right"))  # first point past the limit
-    if cut < len(x):
-        x0, x1, y0, y1 = x[cut - 1], x[cut], y[cut - 1], y[cut]
-        y_cut = y0 + (x_max - x0) / (x1 - x0) * (y1 - y0)
-        x, y = np.append(x[:cut], x_max), np.append(y[:cut], y_cut)
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
-
-
 def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """Area under the PRO curve up to `fpr_limit`, divided by `fpr_limit` (MVTec AD, 0..1).
 
     Returns nan when the masks have no defect region or no normal pixel.
     """
+    _check_limit(fpr_limit)
+    gt, amap = _masks_maps(masks, maps)
+    store = PixelMetrics(len(gt))
+    store.add(gt, amap)
+    return store.compute(fpr_limit)[1]
+
+
+def _check_limit(fpr_limit: float) -> None:
     if not 0.0 < fpr_limit <= 1.0:
         raise ConfigError(f"aupro fpr_limit must be in (0, 1], got {fpr_limit!r}; 0.3 is usual")
-    gt, amap = _masks_maps(masks, maps)
-    if gt.all() or not gt.any():
-        return float("nan")
-    fpr, pro = _pro_curve(gt, amap)
-    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+class PixelMetrics:
+    """Pixel AUROC and AUPRO of many images in little memory, filled a batch at a time.
+
+    It keeps what the two metrics need and no more: the maps as float32 in one (capacity, H, W)
+    array allocated on the first batch (4 bytes a pixel) and the masks packed to bits. Both
+    metrics come from one in-place sort of the maps and a binary search of each defect pixel's
+    score among the normal ones, which needs ~8 bytes per defect pixel more; sklearn's
+    roc_auc_score and an argsort of all pixels copy every pixel several times. The values are
+    those of roc_auc_score and of the trapezoid area under `pro_curve` up to float64 rounding
+    (ties count half, as there). `compute` consumes the maps: call it once.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.count = capacity, 0
+        self._maps: np.ndarray | None = None  # (capacity, H, W) float32
+        self._masks: np.ndarray | None = None  # (capacity, H, ceil(W / 8)) uint8, packed bits
+
+    def add(self, masks: ArrayLike, maps: ArrayLike) -> None:
+        """Append (B, H, W) masks and maps."""
+        gt, amap = _masks_maps(masks, maps)
+        n = len(gt)
+        if self._maps is None or self._masks is None:
+            height, width = amap.shape[1:]
+            self._maps = np.empty((self.capacity, height, width), np.float32)
+            self._masks = np.empty((self.capacity, height, (width + 7) // 8), np.uint8)
+        if amap.shape[1:] != self._maps.shape[1:]:
+            raise DataError(
+                f"anomaly maps of {amap.shape[1:]} after maps of {self._maps.shape[1:]}; "
+                "every map of one evaluation must have the same size"
+            )
+        if self.count + n > self.capacity:
+            raise DataError(f"more maps than the {self.capacity} this PixelMetrics was made for")
+        self._maps[self.count : self.count + n] = amap
+        self._masks[self.count : self.count + n] = np.packbits(gt, axis=-1)
+        self.count += n
+
+    def compute(self, fpr_limit: float = 0.3) -> tuple[float, float]:
+        """(pixel AUROC, AUPRO up to `fpr_limit`); nan without defect or normal pixels."""
+        _check_limit(fpr_limit)
+        if self._maps is None or self._masks is None or self.count == 0:
+            return float("nan"), float("nan")
+        maps, masks = self._maps[: self.count], self._masks[: self.count]
+        self._maps = self._masks = None
+        defect, sizes, n_regions = _take_defects(maps, masks)
+        n_defect, n_normal = defect.size, maps.size - defect.size
+        if n_defect == 0 or n_normal == 0:
+            return float("nan"), float("nan")
+        flat = maps.reshape(-1)
+        flat.sort()  # in place: the defect pixels (-inf) first, then the normal ones ascending
+        normal = flat[n_defect:]
+        # The PRO curve is cut inside the run of normal scores equal to the k-th highest one,
+        # k the fewest normal pixels whose FPR passes the limit.
+        k = int(fpr_limit * n_normal)
+        while k > 0 and k / n_normal > fpr_limit:
+            k -= 1
+        while k <= n_normal and k / n_normal <= fpr_limit:
+            k += 1
+        cut = normal[n_normal - k] if k <= n_normal else np.float32(-np.inf)
+        n_to_cut = int(np.searchsorted(normal, cut, "right"))  # normal pixels at or below it
+        ranks, area, above, at_or_above = 0, 0.0, 0.0, 0.0
+        for start in range(0, n_defect, _CHUNK_PIXELS):
+            u = defect[start : start + _CHUNK_PIXELS]
+            weight = 1.0 / (sizes[start : start + _CHUNK_PIXELS] * float(n_regions))
+            # twice the normal pixels below each defect pixel, plus those tied with it
+            both = np.searchsorted(normal, u, "left") + np.searchsorted(normal, u, "right")
+            ranks += int(both.sum())
+            # Each normal pixel above the cut is an FPR step of 1 / n_normal; the PRO across
+            # it rises by the weight of the defect pixels tied with it: take the mean.
+            over = u > cut
+            area += float(np.sum(weight[over] * (both[over] / 2 - n_to_cut)))
+            above += float(weight[over].sum())
+            at_or_above += float(weight[u >= cut].sum())
+        area /= n_normal
+        if k <= n_normal:  # the step at the cut, up to the limit, PRO interpolated along it
+            fpr_before = (n_normal - n_to_cut) / n_normal
+            fpr_after = (n_normal - int(np.searchsorted(normal, cut, "left"))) / n_normal
+            slope = (at_or_above - above) / (fpr_after - fpr_before)
+            pro_at_limit = above + (fpr_limit - fpr_before) * slope
+            area += (fpr_limit - fpr_before) * (above + pro_at_limit) / 2.0
+        return ranks / (2 * n_defect * n_normal), area / fpr_limit
+
+
+def _take_defects(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Defect pixels' scores and the sizes of their regions; their map entries become -inf.
+
+    Regions are the 8-connected components of each mask (labelled image by image).
+    """
+    values, sizes, n_regions = [], [], 0
+    for start in range(0, len(maps), _CHUNK_IMAGES):
+        block = maps[start : start + _CHUNK_IMAGES]
+        bits = masks[start : start + _CHUNK_IMAGES]
+        gt = np.unpackbits(bits, axis=-1, count=maps.shape[-1]).view(bool)
+        regions, found = ndimage.label(gt, structure=_REGION_STRUCTURE)
+        region_sizes = np.bincount(regions.reshape(-1)).astype(np.int32)
+        values.append(block[gt])
+        sizes.append(region_sizes[regions[gt]])
+        block[gt] = -np.inf  # the maps are finite: -inf marks a defect pixel
+        n_regions += found
+    return np.concatenate(values), np.concatenate(sizes), n_regions
+
+
+_CHUNK_IMAGES = 64  # masks unpacked and labelled at a time
+_CHUNK_PIXELS = 1 << 20  # defect pixels searched at a time
 
 
 def f1_max(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 from hamacho.components.metrics import (
+    PixelMetrics,
     aupro,
     f1_max,
     image_auroc,
@@ -147,6 +149,51 @@ def test_aupro_large_input_is_fast():
         16, 256, 256, generator=torch.Generator().manual_seed(0)
     ) + 0.5 * torch.from_numpy(masks)
     assert 0.5 < aupro(masks, amap) < 1.0  # ~1M pixels; a per-threshold loop would take minutes
+
+
+def _trapezoid_up_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """The area under the PRO curve up to ``limit`` the plain way: interpolate, np.trapezoid."""
+    cut = int(np.searchsorted(fpr, limit, side="right"))
+    if cut < len(fpr):
+        y = np.interp(limit, fpr[cut - 1 : cut + 1], pro[cut - 1 : cut + 1])
+        fpr, pro = np.append(fpr[:cut], limit), np.append(pro[:cut], y)
+    return float(np.trapezoid(pro, fpr)) / limit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pixel_metrics_in_batches_equal_sklearn_and_the_pro_curve_area(seed):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((7, 13, 11)) < rng.uniform(0.05, 0.6)
+    masks[0] = False  # a good image
+    decimals = int(rng.integers(0, 3))  # 0-2 decimals: many ties, within and across classes
+    maps = np.round(rng.random(masks.shape) + masks * rng.random(), decimals).astype(np.float32)
+    store = PixelMetrics(len(masks) + 2)  # room to spare: only what was added counts
+    for start, stop in ((0, 1), (1, 4), (4, 7)):
+        store.add(masks[start:stop], maps[start:stop])
+    fpr, pro = pro_curve(masks, maps)
+    pixel, area = store.compute()
+    assert pixel == pytest.approx(roc_auc_score(masks.reshape(-1), maps.reshape(-1)), abs=1e-12)
+    assert area == pytest.approx(_trapezoid_up_to(fpr, pro, 0.3), abs=1e-12)
+    for limit in (0.001, 0.05, 0.5, 1.0):
+        expected = _trapezoid_up_to(fpr, pro, limit)
+        assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_metrics_keep_masks_as_bits_and_maps_once():
+    store = PixelMetrics(100)
+    store.add(np.zeros((2, 64, 64), bool), np.zeros((2, 64, 64), np.float32))
+    assert store._maps is not None and store._masks is not None
+    assert store._maps.dtype == np.float32 and store._maps.shape == (100, 64, 64)
+    assert store._masks.nbytes == store._maps.nbytes // 32  # 1 bit against 4 bytes a pixel
+    with pytest.raises(DataError, match="same size"):
+        store.add(np.zeros((1, 32, 32), bool), np.zeros((1, 32, 32)))
+    with pytest.raises(DataError, match="100"):
+        store.add(np.zeros((99, 64, 64), bool), np.zeros((99, 64, 64)))
+    assert all(math.isnan(v) for v in store.compute())  # no defect pixel
+    assert all(math.isnan(v) for v in PixelMetrics(0).compute())  # nothing added
+    empty = PixelMetrics(0)
+    empty.add(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4)))
+    assert all(math.isnan(v) for v in empty.compute())  # a batch without a known image
 
 
 def test_f1_max_hand_case():
