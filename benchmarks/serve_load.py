@@ -6,8 +6,10 @@
 Starts the server on 127.0.0.1 (a free port), then for each client count sends a bounded number
 of requests (one image each, multipart, keep-alive connections) and prints a markdown table:
 requests/s, p50/p95/p99 latency, errors and the mean micro-batch size (from /metrics). The
-direct row times ``hamacho.load(RUN).predict(path)`` one image at a time in this process. A last
-run sends every ``--corrupt-every``-th request truncated: those must get 400, the others 200.
+direct row is what the server does for one request, minus HTTP: the same image bytes decoded
+as the server decodes them, then ``Detector.predict([image])``, one at a time in a worker
+thread of this process, with torch's OpenMP set up as ``hamacho serve`` sets it. A last run
+sends every ``--corrupt-every``-th request truncated: those must get 400, the others 200.
 Medians over ``--repeats``, with the [min-max] spread of requests/s.
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from hamacho.serve.cli import quiet_openmp
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -117,20 +121,28 @@ def load(url: str, bodies: list[tuple[str, bytes, bool]], clients: int, n: int) 
     }
 
 
-def direct(run: str, paths: list[Path], n: int) -> dict[str, Any]:
-    """The Python API in a loop, one image per call, in a thread of this process."""
+def direct(run: str, bodies: list[tuple[str, bytes, bool]], n: int) -> dict[str, Any]:
+    """The Python API in a loop on the request bodies, one image per call, in a worker thread."""
     import hamacho
+    from hamacho.components import data
+    from hamacho.serve.inputs import Upload, decode
 
     detector = hamacho.load(run)
+    max_pixels = int(detector.backend.config["data"].get("max_pixels", data.MAX_PIXELS))
     latencies: list[float] = []
     timing: dict[str, float] = {}
 
+    def one(i: int) -> None:
+        name, body, _ = bodies[i % len(bodies)]
+        image = decode(Upload(name, body), max_pixels)
+        detector.predict([image], batch_size=1)  # as the batcher calls it for one request
+
     def loop() -> None:
-        detector.predict(paths[0])  # warm-up
+        one(0)  # warm-up
         start = time.perf_counter()
         for i in range(n):
             t0 = time.perf_counter()
-            detector.predict(paths[i % len(paths)])
+            one(i)
             latencies.append(time.perf_counter() - t0)
         timing["wall"] = time.perf_counter() - start
 
@@ -180,13 +192,16 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"no images under {args.images}")
     n = args.requests
-    print(f"# {len(paths)} images from {args.images}; load average {os.getloadavg()}")
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset: hamacho serve sets PASSIVE")
+    print(f"# {len(paths)} images from {args.images}; load average {os.getloadavg()}; "
+          f"OMP_WAIT_POLICY {policy}")  # fmt: skip
     print("| mode | clients | requests | req/s median [min-max] | p50 ms | p95 ms | p99 ms "
           "| errors | mean batch |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    reps = [direct(args.run, paths, n) for _ in range(args.repeats)]
+    good = [(p.name, p.read_bytes(), True) for p in paths]
+    quiet_openmp()  # before torch loads here: the direct calls run as the server's do
+    reps = [direct(args.run, good, n) for _ in range(args.repeats)]
     print(row("direct API", 1, reps, n), flush=True)
     medians = {"direct": _medians(reps)}
-    good = [(p.name, p.read_bytes(), True) for p in paths]
     server_args = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     proc, url = start_server(args.python, args.run, server_args)
     try:

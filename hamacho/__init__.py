@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from hamacho.errors import HamachoError
 from hamacho.hookspecs import hookimpl
-from hamacho.model import Components, Model, Prediction
 
 if TYPE_CHECKING:
     from hamacho.api import Detector, Result, load, merge, train, update
+    from hamacho.model import Components, Model, Prediction
 
 __version__ = "0.1.0"
 __all__ = [
@@ -27,12 +27,21 @@ __all__ = [
     "update",
 ]
 _API = ("Detector", "Result", "load", "merge", "train", "update")
+_MODEL = ("Components", "Model", "Prediction")
 
 
 def __getattr__(name: str) -> Any:
-    """``hamacho.load`` etc. from hamacho.api, imported on first use (plugins import hamacho)."""
+    """``hamacho.load``, ``hamacho.Model`` etc., imported on first use.
+
+    ``import hamacho`` (and so the CLI) does not import torch: a command can still set what
+    torch's OpenMP reads when it loads (``hamacho serve`` and OMP_WAIT_POLICY).
+    """
     if name in _API:
         from hamacho import api
 
         return getattr(api, name)
+    if name in _MODEL:
+        from hamacho import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'hamacho' has no attribute {name!r}")

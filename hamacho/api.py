@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -25,12 +26,21 @@ __all__ = ["Detector", "ImageInput", "Result", "load", "merge", "train", "update
 
 @dataclass
 class Result:
-    """One image's verdict; ``map`` is (H, W) float32 at the original size, NaN not inspected."""
+    """One image's verdict; ``map`` is (H, W) float32 at the original size, NaN not inspected.
+
+    The map is resampled to the original size when first read, so a caller that needs only
+    the verdict (``hamacho serve`` without ``?maps=true``) never pays for it.
+    """
 
     score: float
     is_anomalous: bool | None
     threshold: float | None
-    map: np.ndarray = field(repr=False)
+    resample_map: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def map(self) -> np.ndarray:
+        """(H, W) float32 anomaly map on the original image's pixels (NaN: not inspected)."""
+        return self.resample_map()
 
 
 class Detector:
@@ -77,7 +87,9 @@ class Detector:
                 score=float(score),
                 is_anomalous=decide(float(score), limit),
                 threshold=limit,
-                map=to_original(amap, tuple(image.shape[:2]), self.backend.preprocess),
+                resample_map=functools.partial(
+                    to_original, amap, tuple(image.shape[:2]), self.backend.preprocess
+                ),
             )
             for score, amap, image in zip(scores, maps, pixels, strict=True)
         ]

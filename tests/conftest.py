@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,15 @@ def _offline(monkeypatch, tmp_path_factory):
     """Tests never download weights, and see an empty torch cache."""
     monkeypatch.setenv("HAMACHO_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+
+
+def fake_dist(root: Path, dist: str, module: str, source: str, ep_name: str) -> None:
+    """Install a distribution by hand: a module plus the dist-info entry point metadata."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[hamacho]\n{ep_name} = {module}\n")
 
 
 def pip_install(src: Path, target: Path) -> Path:

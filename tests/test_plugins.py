@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 import types
 from pathlib import Path
 
@@ -12,16 +11,9 @@ from hamacho import Model, Prediction, hookimpl
 from hamacho.errors import PluginError, UnknownModelError
 from hamacho.plugins import Registry, get_registry, reset_registry
 
+from .conftest import fake_dist
+
 CORE = Path(hamacho.__file__).parent
-
-
-def _fake_dist(root: Path, dist: str, module: str, source: str, ep_name: str) -> None:
-    """Install a distribution by hand: a module plus the dist-info entry point metadata."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(f"[hamacho]\n{ep_name} = {module}\n")
 
 
 _TOY = """
@@ -78,7 +70,7 @@ def test_unknown_model_lists_available():
 
 
 def test_third_party_entry_point_loads_and_env_filters_it(site, monkeypatch):
-    _fake_dist(site, "toy-plugin", "toy_one", _TOY.format(name="toy"), "toy")
+    fake_dist(site, "toy-plugin", "toy_one", _TOY.format(name="toy"), "toy")
     assert Registry().get("toy").distribution == "toy-plugin"
     assert Registry().get("toy").version == "1.2.3"
     monkeypatch.setenv("HAMACHO_LOAD_PLUGINS", "")
@@ -94,7 +86,7 @@ def test_third_party_entry_point_loads_and_env_filters_it(site, monkeypatch):
 
 
 def test_two_plugins_claiming_one_name_names_both(site):
-    _fake_dist(site, "toy-clash", "toy_clash", _TOY.format(name="patchcore"), "clash")
+    fake_dist(site, "toy-clash", "toy_clash", _TOY.format(name="patchcore"), "clash")
     with pytest.raises(PluginError) as err:
         Registry().models()
     assert "hamacho-patchcore" in str(err.value)
@@ -109,13 +101,13 @@ def test_misspelt_hook_fails_loudly(site):
         def hamacho_register_model():
             return []
     """
-    _fake_dist(site, "toy-typo", "toy_typo", source, "typo")
+    fake_dist(site, "toy-typo", "toy_typo", source, "typo")
     with pytest.raises(PluginError, match="unknown hook.*hamacho_register_models"):
         Registry().models()
 
 
 def test_broken_plugin_import_names_the_plugin(site):
-    _fake_dist(site, "toy-broken", "toy_broken", "raise RuntimeError('boom')\n", "broken")
+    fake_dist(site, "toy-broken", "toy_broken", "raise RuntimeError('boom')\n", "broken")
     with pytest.raises(PluginError, match="'broken' from toy-broken failed to import.*boom"):
         Registry().models()
 

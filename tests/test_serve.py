@@ -29,9 +29,10 @@ import hamacho
 from hamacho.cli import main
 from hamacho.components import visualize
 from hamacho.errors import UsageError
+from hamacho.plugins import reset_registry
 from hamacho.serve.cli import parse_runs
 
-from .conftest import API_FAST, need_chromium
+from .conftest import API_FAST, fake_dist, need_chromium
 
 # data.max_pixels: so a 200 x 200 image trips the run's decompression-bomb guard
 FAST = {**API_FAST, "data.max_pixels": 20_000}
@@ -196,9 +197,9 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-def _png(size: tuple[int, int]) -> bytes:
+def _png(size: tuple[int, int], color: tuple[int, int, int] = (90, 120, 30)) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, (90, 120, 30)).save(buffer, format="PNG")
+    Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -271,6 +272,100 @@ def test_openapi_docs(url):
     assert "multipart/form-data" in json.dumps(spec["paths"]["/v1/models/{name}/predict"])
 
 
+def test_runtime_onnx_serves_the_exported_model_with_torchs_scores(run_dir, detector, tiny_mvtec):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    done = CliRunner().invoke(main, ["export", "--run", str(run_dir), "--format", "onnx"])
+    assert done.exit_code == 0, done.output
+    paths = _images(tiny_mvtec)
+    want = np.array([detector.predict(p).score for p in paths])
+    with _server("--run", f"widget={run_dir}", "--runtime", "onnx") as (_, base):
+        (info,) = httpx.get(f"{base}/v1/models").json()
+        assert info["runtime"] == "onnx" and info["threshold"] == detector.threshold
+        rows = _predict(base, *paths).json()["results"]  # one model call for all of them
+    assert [r["filename"] for r in rows] == [p.name for p in paths]
+    got = np.array([r["score"] for r in rows])
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)  # the export's parity tolerance
+    assert [r["is_anomalous"] for r in rows] == [bool(s >= detector.threshold) for s in want]
+
+
+# A third-party model with a bug: scoring an all-white image raises, as model code can.
+_FRAGILE = """
+    import torch
+    from hamacho import Model, Prediction, hookimpl
+
+    class Fragile(Model):
+        name = "fragile"
+        summary = "Distance from the mean good image; fails on a blank white image"
+
+        def fit(self, train_loader):
+            self.mean = torch.cat([b["image"] for b in train_loader]).mean(0)
+
+        def predict(self, images):
+            if bool((images.flatten(1).amin(1) > 2.0).any()):  # white, ImageNet-normalised
+                raise ValueError("fragile cannot score a blank white image")
+            maps = (images - self.mean).abs().mean(1)  # (B, H, W)
+            return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+
+        def state_dict(self):
+            return {"mean": self.mean}
+
+        def load_state_dict(self, state):
+            self.mean = state["mean"]
+
+    @hookimpl
+    def hamacho_register_models():
+        return [Fragile]
+"""
+
+
+def test_a_model_failure_is_a_500_and_harms_no_other_request(tiny_mvtec, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_dist(site, "hamacho-fragile", "fragile_model", _FRAGILE, "fragile")
+    monkeypatch.syspath_prepend(str(site))  # installed: found through its entry point
+    reset_registry()
+    try:
+        sizes = {"data.image_size": 64, "data.crop_size": None}
+        fragile = hamacho.train("fragile", data=tiny_mvtec, output=tmp_path / "f", overrides=sizes)
+    finally:
+        reset_registry()
+    good = _images(tiny_mvtec)[0]
+    expected = fragile.predict(good).score
+    paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))  # the server sees the plugin too
+    # a long batching wait, so the two concurrent requests below share one model call
+    with _server("--run", str(fragile.source), "--max-wait-ms", "1000") as (_, base):
+        endpoint = f"{base}/v1/models/f/predict"
+        white = ("white.png", _png((64, 64), (255, 255, 255)), "image/png")
+        failed = httpx.post(endpoint, files={"file": white}, timeout=60)
+        assert failed.status_code == 500
+        assert failed.json() == {
+            "error": "scoring failed: fragile cannot score a blank white image"
+        }
+        answers: dict[str, httpx.Response] = {}
+
+        def call(name: str, file: tuple) -> None:
+            answers[name] = httpx.post(endpoint, files={"file": file}, timeout=60)
+
+        files = {"white": white, "good": (good.name, good.read_bytes(), "image/png")}
+        threads = [threading.Thread(target=call, args=item) for item in files.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers["white"].status_code == 500
+        assert answers["good"].status_code == 200  # batched with the failing image, yet scored
+        assert answers["good"].json()["results"][0]["score"] == pytest.approx(expected, rel=1e-5)
+        m = _metrics(base)
+        predict = (("endpoint", "/v1/models/{name}/predict"), ("method", "POST"))
+        assert m[("hamacho_errors_total", (*predict, ("status", "500")))] == 2
+        # model calls: white alone; white + good together, then each alone again
+        batches = (("model", "f"),)
+        assert m[("hamacho_batch_size_sum", batches)] == 1 + 2 + 1 + 1
+        assert httpx.post(endpoint, files={"file": files["good"]}).status_code == 200
+
+
 @pytest.mark.slow  # a second server process (its own model load)
 def test_api_key_and_graceful_sigterm(run_dir, tiny_mvtec, monkeypatch):
     good = _images(tiny_mvtec)[0].read_bytes()
@@ -317,6 +412,25 @@ def test_run_names_and_their_errors(tmp_path):
     out = CliRunner().invoke(main, ["serve", "--run", str(tmp_path / "missing")])
     assert out.exit_code != 0 and out.output.startswith("error: ")
     assert len(out.output.strip().splitlines()) == 1
+
+
+def test_serve_lets_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    def serve_missing_run(**env: str) -> subprocess.Popen:
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        environ |= {"OMP_DISPLAY_ENV": "true", **env}  # libgomp prints its settings as it loads
+        cmd = [sys.executable, "-m", "hamacho", "serve", "--run", str(tmp_path / "none")]
+        return subprocess.Popen(cmd, env=environ, stderr=subprocess.PIPE, text=True)
+
+    runs = {"PASSIVE": serve_missing_run(), "ACTIVE": serve_missing_run(OMP_WAIT_POLICY="ACTIVE")}
+    try:
+        for policy, proc in runs.items():
+            _, err = proc.communicate(timeout=300)  # two torch imports at once, maybe loaded
+            assert proc.returncode == 1 and "error: " in err  # the run is missing: torch loaded
+            assert f"OMP_WAIT_POLICY = '{policy}'" in err
+    finally:
+        for proc in runs.values():
+            proc.kill()
+            proc.wait()
 
 
 def test_missing_extra_says_what_to_install(monkeypatch):

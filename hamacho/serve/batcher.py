@@ -72,9 +72,12 @@ class MicroBatcher:
         try:
             images = [image for image, _ in batch]
             results = cast(list[Result], self.detector.predict(images, batch_size=len(batch)))
-        except Exception as exc:  # reaches every waiting request as a 500, never kills the loop
-            for _, future in batch:
-                future.set_exception(exc)
+        except Exception as exc:  # reaches the waiting request as a 500, never kills the loop
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:  # one image alone, so only the one that fails gets the error
+                self._score([item])
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)

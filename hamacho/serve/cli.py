@@ -29,6 +29,17 @@ def require_extra() -> None:
             ) from None
 
 
+def quiet_openmp() -> None:
+    """Make torch's idle OpenMP threads sleep, not spin (OMP_WAIT_POLICY=PASSIVE), unless set.
+
+    The server's event loop, decoding and its clients need the cores between (and during) model
+    calls; a spinning thread takes them (docs/serve.md). libgomp reads the variable once, when
+    torch loads, so this only acts while torch is not imported yet.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def parse_runs(items: tuple[str, ...]) -> dict[str, str]:
     """``[NAME=]RUN`` items -> {name: run}; a run without a name is served as its folder's name."""
     runs: dict[str, str] = {}
@@ -85,6 +96,7 @@ def serve(
 ) -> None:
     """Serve trained runs over HTTP: JSON API, Prometheus metrics and a page at /."""
     require_extra()
+    quiet_openmp()  # before the first import of torch (hamacho.load)
     import uvicorn
 
     import hamacho
