@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -91,23 +92,28 @@ def _scorer_pids() -> list[int]:
     return pids
 
 
-def test_ray_predict_rows_equal_local_with_a_worker_killed(cluster, tiny_mvtec, tmp_path):
+def test_ray_predict_rows_and_maps_equal_local_with_a_worker_killed(
+    cluster, tiny_mvtec, tmp_path, monkeypatch
+):
+    from PIL import Image
+
     from hamacho.executors.ray import RayExecutor
 
-    run = engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
-    images = tmp_path / "images"
+    engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
     sources = sorted((tiny_mvtec / "test").rglob("*.png"))
-    for i in range(48):  # distinct files, so a duplicated or lost row shows
-        (images / f"{i % 4}").mkdir(parents=True, exist_ok=True)
-        shutil.copy(sources[i % len(sources)], images / f"{i % 4}" / f"{i:03d}.png")
-    (images / "broken.png").write_bytes(b"not a png")
-    inputs = [str(images), str(tmp_path / "missing.png")]
-    local = list(engine.predict(run, inputs, batch_size=2))
+    for i in range(48):  # distinct files (a lost or doubled row shows), 12 names in 4 folders
+        folder = tmp_path / "images" / f"{i % 4}"  # (so map names clash: 000.png, 1_000.png)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[i % len(sources)], folder / f"{i // 4:03d}.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.chdir(tmp_path)  # relative paths, while the Ray workers started elsewhere
+    inputs = ["images", "missing.png"]
+    local = list(engine.predict("r", inputs, maps_dir="maps", batch_size=2))
 
     killed: list[int] = []
     rows = []
     with RayExecutor(workers=2) as executor:  # joins the module's cluster
-        for row in executor.predict(str(run), inputs, batch_size=2):
+        for row in executor.predict("r", inputs, batch_size=2, maps_dir="ray/maps"):
             rows.append(row)
             if len(rows) == 1:  # one of the two actors dies mid-job; Ray replaces it
                 killed = _scorer_pids()[:1]
@@ -122,10 +128,13 @@ def test_ray_predict_rows_equal_local_with_a_worker_killed(cluster, tiny_mvtec, 
         assert set(got) == set(want)
         if "score" in want:
             assert got["score"] == pytest.approx(want["score"], abs=1e-5)
-        assert {k: v for k, v in got.items() if k != "score"} == {
-            k: v for k, v in want.items() if k != "score"
-        }
+            assert got["map"] == f"ray/{want['map']}"  # the same name as local gives it
+            panels = [np.asarray(Image.open(r["map"])) for r in (want, got)]
+            assert np.array_equal(*panels)  # one model, the same pixels: the same panel
+        same = set(want) - {"score", "map"}
+        assert {k: got[k] for k in same} == {k: want[k] for k in same}
     assert sum("error" in r for r in rows) == 2  # the broken file and the missing path
+    assert len(list(Path("ray/maps").iterdir())) == len(list(Path("maps").iterdir())) == 48
 
 
 def test_ray_train_many_datasets_in_parallel(cluster, tiny_mvtec, tmp_path):
