@@ -32,6 +32,10 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[tuple[str, Path | None]]:
             yield item, p
 
 
+# (input as given, the image file or None when nothing matched it, its map file or None)
+Target = tuple[str, "Path | None", "Path | None"]
+
+
 def predict(
     run_dir: str | Path,
     inputs: Iterable[str],
@@ -49,45 +53,50 @@ def predict(
     if maps_dir:
         rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
     backend = open_backend(run_dir, runtime)
-    yield from score_inputs(backend, inputs, maps_dir, threshold, batch_size)
+    yield from score_targets(backend, targets(inputs, maps_dir), threshold, batch_size)
 
 
-def score_inputs(
-    backend: Any,
-    inputs: Iterable[str],
-    maps_dir: str | Path | None = None,
-    threshold: float | None = None,
-    batch_size: int = 16,
+def targets(inputs: Iterable[str], maps_dir: str | Path | None = None) -> Iterator[Target]:
+    """Every image of ``inputs`` with the file its map panel goes to under ``maps_dir``.
+
+    Map names are given here, in input order, one per image found (readable or not), so they
+    do not depend on which worker scores which image (stem.png, else parent_stem.png, ...).
+    """
+    folder = Path(maps_dir) if maps_dir else None
+    used: set[str] = set()  # names taken (test/good/000.png vs test/crack/000.png)
+    for item, path in expand_inputs(inputs):
+        out = folder / _unique_name(path, used) if folder and path else None
+        yield item, path, out
+
+
+def score_targets(
+    backend: Any, items: Iterable[Target], threshold: float | None = None, batch_size: int = 16
 ) -> Iterator[dict[str, Any]]:
     """``predict`` with a backend opened once (export.runtimes.open_backend), e.g. per worker."""
-    folder = Path(maps_dir) if maps_dir else None
     limit = backend.threshold if threshold is None else threshold
     max_pixels = backend.config["data"].get("max_pixels", data.MAX_PIXELS)
-    pending: list[tuple[Path, torch.Tensor]] = []  # decoded (H, W, 3) uint8 images
-    used: set[str] = set()  # map file names taken (test/good/000.png vs test/crack/000.png)
+    pending: list[tuple[Path, torch.Tensor, Path | None]] = []  # decoded (H, W, 3) uint8 images
 
     def flush() -> Iterator[dict[str, Any]]:
-        images = [t for _, t in pending]
+        images = [t for _, t, _ in pending]
         crops = None
-        if folder is not None:  # with the resized, cropped pixels the maps align with
+        if any(out is not None for *_, out in pending):  # maps align with these pixels
             scores, maps, crops = backend.score_with_pixels(images)
         else:
             scores, maps = backend.score(images)  # maps at the crop size
-        for i, (path, _) in enumerate(pending):
+        for i, (path, _, out) in enumerate(pending):
             value = float(scores[i])
             finite = math.isfinite(value)  # NaN is not JSON: a broken score is null
             row = {"path": str(path), "score": round(value, 6) if finite else None}
             row["threshold"] = limit
             row["is_anomalous"] = decide(value, limit)
-            if folder is not None and crops is not None:
-                panel = visualize.overlay_panel(crops[i], maps[i], None, limit)
-                out = folder / _unique_name(path, used)
-                visualize.save_png(out, panel)
+            if out is not None and crops is not None:
+                visualize.save_png(out, visualize.overlay_panel(crops[i], maps[i], None, limit))
                 row["map"] = str(out)
             yield row
         pending.clear()
 
-    for item, path in expand_inputs(inputs):
+    for item, path, out in items:
         if path is None:
             yield {"path": item, "error": _nothing_found(item)}
             continue
@@ -96,7 +105,7 @@ def score_inputs(
         except DataError as exc:
             yield {"path": str(path), "error": str(exc)}
             continue
-        pending.append((path, tensor))
+        pending.append((path, tensor, out))
         if len(pending) >= batch_size:
             yield from flush()
     if pending:

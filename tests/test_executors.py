@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -52,31 +53,111 @@ def _rows(folder: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((folder / "results.csv").open()))
 
 
-def test_ray_benchmark_rows_equal_local_and_resume(cluster, tiny_mvtec, tmp_path):
+def _same_but_timings(want: dict[str, str], got: dict[str, str], local: Path, ray: Path) -> None:
+    same = set(want) - TIMINGS - {"run_dir"}
+    assert {k: want[k] for k in same} == {k: got[k] for k in same}
+    assert got["run_dir"] == want["run_dir"].replace(str(local), str(ray))
+
+
+def _proc_argv(pid: int) -> list[bytes]:
+    try:
+        return [a for a in (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0") if a]
+    except OSError:  # gone (a zombie's cmdline reads empty)
+        return []
+
+
+def _parent(pid: int) -> int:
+    stat = (Path("/proc") / str(pid) / "stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])  # the field after the state
+
+
+def _cell_processes(output: Path) -> dict[int, Path]:
+    """pid -> cell folder of each running cell process (runner.cell_main) under ``output``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        argv = _proc_argv(int(proc.name)) if proc.name.isdigit() else []
+        if len(argv) == 4 and b"cell_main" in argv[2] and argv[3].startswith(bytes(output)):
+            found[int(proc.name)] = Path(argv[3].decode()).parent
+    return found
+
+
+def _new_cell(output: Path, seen: set[int], driver: subprocess.Popen, log: str) -> tuple:
+    """(pid, folder) of a cell process not in ``seen``, or () while none; fail if the driver
+    ended before its cells did."""
+    if driver.poll() is not None:
+        pytest.fail(f"the driver ended early ({driver.returncode}): {Path(log).read_text()}")
+    return next(((p, f) for p, f in _cell_processes(output).items() if p not in seen), ())
+
+
+def _until(condition, what: str, seconds: float = 180):
+    """``condition()``'s first truthy value, polled; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"gave up after {seconds:g} s waiting for {what}")
+
+
+def test_ray_benchmark_survives_a_killed_node_and_worker_then_resumes(
+    cluster, tiny_mvtec, tmp_path
+):
+    """The cell whose node dies mid-run is retried and equals local; the cell whose worker dies
+    every try is recorded as lost; the resume runs only that one again, and then all equal local."""
     nodes, _ = cluster
     sets = [arg for item in [*FAST, "model.n_features=16"] for arg in ("--set", item)]
     args = ["benchmark", "--models", "padim", "--data", str(tiny_mvtec), *sets]
     args += ["--backbones", "resnet18:layer9@none,resnet18@none"]  # layer9 does not exist
-    local = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "local")])
-    on_ray = [*args, "--output", str(tmp_path / "ray"), "--executor", "ray"]
-    on_ray += ["--ray-address", nodes.address]
-    remote = CliRunner().invoke(main, on_ray)
-    assert local.exit_code == remote.exit_code == 1  # the layer9 cell failed, the other ran
-    want, got = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
-    assert [r["status"] for r in got] == ["failed", "ok"]
-    for a, b in zip(want, got, strict=True):
-        same = set(a) - TIMINGS - {"run_dir"}
-        assert {k: a[k] for k in same} == {k: b[k] for k in same}
-        assert b["run_dir"] == a["run_dir"].replace(str(tmp_path / "local"), str(tmp_path / "ray"))
-    assert (tmp_path / "ray" / "results.md").read_text().count("failed") >= 1
-    assert (tmp_path / "ray" / "results.png").stat().st_size > 0
+    local, out = tmp_path / "local", tmp_path / "ray"
+    assert CliRunner().invoke(main, [*args, "--output", str(local)]).exit_code == 1
+    want = _rows(local)
+    lost, retried = (out / Path(row["run_dir"]).relative_to(local) for row in want)
 
-    again = CliRunner().invoke(main, on_ray)  # the finished cell is not run again
+    # --cpus-per-cell 2: only the 2-CPU node added here fits a cell, so every try runs on it
+    spare = {"num_cpus": 2, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+    node = nodes.add_node(**spare)
+    on_ray = [*args, "--output", str(out), "--executor", "ray", "--ray-address", nodes.address]
+    argv = [sys.executable, "-m", "hamacho", *on_ray, "--cpus-per-cell", "2"]
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        seen: set[int] = set()
+        node_kills = worker_kills = 0
+        while node_kills < 1 or worker_kills < 3:
+            pid, folder = _until(lambda: _new_cell(out, seen, driver, log.name), "a cell to start")
+            seen.add(pid)
+            worker = _parent(pid)  # the Ray worker running the cell's task
+            if folder == retried and not node_kills:
+                assert _parent(worker) == node.all_processes["raylet"][0].process.pid
+                nodes.remove_node(node, allow_graceful=False)  # the node crashes
+                node = nodes.add_node(**spare)
+                node_kills += 1
+            elif folder == lost:
+                os.kill(worker, signal.SIGKILL)
+                worker_kills += 1
+            _until(
+                lambda pid=pid: not _proc_argv(pid), "the cell's process to end (with its worker)"
+            )
+        assert driver.wait(timeout=300) == 1, Path(log.name).read_text()
+    finally:
+        driver.kill()  # nothing if it ended
+        if node in nodes.worker_nodes:
+            nodes.remove_node(node)
+    got = _rows(out)
+    assert [r["status"] for r in got] == ["failed", "ok"]  # nothing silently missing
+    assert got[0]["error"].startswith("lost on Ray 3 times: ")
+    _same_but_timings(want[1], got[1], local, out)
+
+    on_ray += ["--cpus-per-cell", "1"]  # the spare node is gone; cpus are not a cell setting
+    again = CliRunner().invoke(main, on_ray)  # runs the lost cell, not the finished one
     assert again.exit_code == 1
-    assert [(r["status"], r["cached"]) for r in _rows(tmp_path / "ray")] == [
-        ("failed", "False"),
-        ("ok", "True"),
-    ]
+    got = _rows(out)
+    assert [(r["status"], r["cached"]) for r in got] == [("failed", "False"), ("ok", "True")]
+    for a, b in zip(want, got, strict=True):
+        _same_but_timings({**a, "cached": b["cached"]}, b, local, out)
+    assert (out / "results.md").read_text().count("failed") >= 1
+    assert (out / "results.png").stat().st_size > 0
 
 
 def _scorer_pids() -> list[int]:
@@ -91,23 +172,28 @@ def _scorer_pids() -> list[int]:
     return pids
 
 
-def test_ray_predict_rows_equal_local_with_a_worker_killed(cluster, tiny_mvtec, tmp_path):
+def test_ray_predict_rows_and_maps_equal_local_with_a_worker_killed(
+    cluster, tiny_mvtec, tmp_path, monkeypatch
+):
+    from PIL import Image
+
     from hamacho.executors.ray import RayExecutor
 
-    run = engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
-    images = tmp_path / "images"
+    engine.train("padim", tiny_mvtec, None, [*FAST, "model.n_features=16"], tmp_path / "r")
     sources = sorted((tiny_mvtec / "test").rglob("*.png"))
-    for i in range(48):  # distinct files, so a duplicated or lost row shows
-        (images / f"{i % 4}").mkdir(parents=True, exist_ok=True)
-        shutil.copy(sources[i % len(sources)], images / f"{i % 4}" / f"{i:03d}.png")
-    (images / "broken.png").write_bytes(b"not a png")
-    inputs = [str(images), str(tmp_path / "missing.png")]
-    local = list(engine.predict(run, inputs, batch_size=2))
+    for i in range(48):  # distinct files (a lost or doubled row shows), 12 names in 4 folders
+        folder = tmp_path / "images" / f"{i % 4}"  # (so map names clash: 000.png, 1_000.png)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[i % len(sources)], folder / f"{i // 4:03d}.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.chdir(tmp_path)  # relative paths, while the Ray workers started elsewhere
+    inputs = ["images", "missing.png"]
+    local = list(engine.predict("r", inputs, maps_dir="maps", batch_size=2))
 
     killed: list[int] = []
     rows = []
     with RayExecutor(workers=2) as executor:  # joins the module's cluster
-        for row in executor.predict(str(run), inputs, batch_size=2):
+        for row in executor.predict("r", inputs, batch_size=2, maps_dir="ray/maps"):
             rows.append(row)
             if len(rows) == 1:  # one of the two actors dies mid-job; Ray replaces it
                 killed = _scorer_pids()[:1]
@@ -122,10 +208,13 @@ def test_ray_predict_rows_equal_local_with_a_worker_killed(cluster, tiny_mvtec, 
         assert set(got) == set(want)
         if "score" in want:
             assert got["score"] == pytest.approx(want["score"], abs=1e-5)
-        assert {k: v for k, v in got.items() if k != "score"} == {
-            k: v for k, v in want.items() if k != "score"
-        }
+            assert got["map"] == f"ray/{want['map']}"  # the same name as local gives it
+            panels = [np.asarray(Image.open(r["map"])) for r in (want, got)]
+            assert np.array_equal(*panels)  # one model, the same pixels: the same panel
+        same = set(want) - {"score", "map"}
+        assert {k: got[k] for k in same} == {k: want[k] for k in same}
     assert sum("error" in r for r in rows) == 2  # the broken file and the missing path
+    assert len(list(Path("ray/maps").iterdir())) == len(list(Path("maps").iterdir())) == 48
 
 
 def test_ray_train_many_datasets_in_parallel(cluster, tiny_mvtec, tmp_path):

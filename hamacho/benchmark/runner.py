@@ -19,7 +19,6 @@ from typing import Any
 from hamacho.benchmark.grid import Grid
 from hamacho.benchmark.plan import Cell, plan
 from hamacho.benchmark.results import COLUMNS, SCALARS, results_markdown
-from hamacho.benchmark.scatter import draw_scatter
 from hamacho.errors import HamachoError
 
 Echo = Callable[[str], None]
@@ -197,4 +196,7 @@ def write_results(output: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
     (output / "results.md").write_text(results_markdown(rows))
+    from hamacho.benchmark.scatter import draw_scatter  # here: it imports sklearn (via report),
+    # which a process that only runs a cell (a Ray worker) need not load
+
     draw_scatter(rows, output / "results.png")

@@ -61,6 +61,7 @@ def _parquet(target: Path) -> Iterator[Write]:
             ("threshold", pa.float64()),
             ("is_anomalous", pa.bool_()),
             ("error", pa.string()),
+            ("map", pa.string()),
         ]
     )
     pending: list[dict[str, Any]] = []

@@ -56,17 +56,24 @@ def _absolute(job: dict[str, Any]) -> dict[str, Any]:
 class _Scorer:
     """One predict worker: opens the run once, then scores batches of paths into JSON rows."""
 
-    def __init__(self, run_dir: str, runtime: str, threshold: float | None, batch: int) -> None:
+    def __init__(
+        self, cwd: str, run_dir: str, runtime: str, threshold: float | None, batch: int
+    ) -> None:
         from hamacho.export.runtimes import open_backend
 
+        if os.path.isdir(cwd):  # relative inputs, --run and --maps mean what they do on the
+            os.chdir(cwd)  # driver (this process is the actor's alone); rows show them as given
         self.backend = open_backend(run_dir, runtime)
         self.threshold, self.batch = threshold, batch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         from hamacho import predicting
 
-        paths = [str(p) for p in batch["path"]]
-        rows = predicting.score_inputs(self.backend, paths, None, self.threshold, self.batch)
+        items = [  # "" stands for None (no image matched the input; no map asked for)
+            (str(item), Path(path) if path else None, Path(out) if out else None)
+            for item, path, out in zip(batch["item"], batch["path"], batch["map"], strict=True)
+        ]
+        rows = predicting.score_targets(self.backend, items, self.threshold, self.batch)
         return {"row": [json.dumps(row) for row in rows]}  # one JSON text per row, as local
 
 
@@ -157,22 +164,23 @@ class RayExecutor:
         maps_dir: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Rows as each batch finishes (not in input order); every input exactly once."""
-        from hamacho import predicting
+        from hamacho import predicting, rundir
         from hamacho.export.runtimes import open_backend
 
-        if maps_dir:
-            raise UsageError("--maps is not written with --executor ray; drop one of them")
+        if maps_dir:  # the workers write the panels there (on a cluster: a shared folder)
+            rundir.check_folder(maps_dir, "heat maps", "Choose a writable --maps folder")
         open_backend(run_dir, runtime)  # a missing or broken run fails here, in one line
-        items: list[str] = []
-        for item, path in predicting.expand_inputs(inputs):
-            items.append(str(path) if path is not None else item)  # None: its error row
+        items = [
+            {"item": item, "path": str(path or ""), "map": str(out or "")}
+            for item, path, out in predicting.targets(inputs, maps_dir)
+        ]  # map names given here, in input order, as local predict names them
         ray = self.ray
         workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         blocks = max(1, min(math.ceil(len(items) / batch_size), 10_000))
-        data = ray.data.from_items([{"path": p} for p in items], override_num_blocks=blocks)
+        data = ray.data.from_items(items, override_num_blocks=blocks)
         scored = data.map_batches(
             _Scorer,
-            fn_constructor_args=(str(run_dir), runtime, threshold, batch_size),
+            fn_constructor_args=(os.getcwd(), str(run_dir), runtime, threshold, batch_size),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
