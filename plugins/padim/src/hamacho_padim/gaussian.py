@@ -123,15 +123,6 @@ def _one_cpu_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def invert_spd_(matrices: torch.Tensor) -> torch.Tensor:
-    """Replace SPD matrices (P, d, d) by their inverses in place (float64 Cholesky per block)."""
-    d = matrices.shape[-1]
-    block = max(1, _BLOCK_BYTES // (3 * 8 * d * d))
-    with _cpu_threads(matrices):
-        _invert_blocks(matrices, block)
-    return matrices
-
-
 def _cpu_threads(matrices: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     # MKL threads each small LAPACK call, which thrashes when cores are shared: 3136 inverses of
     # 100 x 100 took 0.7 s with 1 thread but 5.5 s with 2 on a busy 2-core CPU.
