@@ -7,7 +7,8 @@
 Prints a markdown table: build time, ms per query batch (wall median/min and CPU time over all
 threads, which matters on a shared machine), recall@1 against exact search. ``--real DIR`` fits
 PatchCore (defaults; lite0 offline) on DIR's train/good and compares exact float32 search with
-the PCA-candidate search on its real bank and test patches (recall@1, NN distance error, AUROCs).
+the search pruned by PCA lower bounds (bfloat16 and float32) on its real bank and test patches
+(recall@1, NN distance error, AUROCs).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def real_features(root: str, overrides: list[str]) -> tuple[Any, torch.Tensor, d
 
 
 def compare_real(args: argparse.Namespace) -> None:
-    """Exact float32 search vs PCA candidates + exact re-rank on a real PatchCore bank."""
+    """Exact float32 search vs the search pruned by PCA lower bounds on a real PatchCore bank."""
     from hamacho.components import metrics
 
     net, emb, info = real_features(args.real, args.set)
@@ -100,7 +101,10 @@ def compare_real(args: argparse.Namespace) -> None:
     results = {}
     for name, opts in (
         ("exact torch", {}),
-        *((f"pca {c} + top {r}", {"candidates_dim": c, "rerank": r}) for c, r in args.candidates),
+        *(
+            (f"bounds pca {c} {t}", {"candidates_dim": c, "bound_dtype": t})
+            for c, t in args.candidates
+        ),
     ):
         nn = NearestNeighbourSearch("torch", **opts)
         t0 = time.perf_counter()
@@ -164,9 +168,9 @@ def main() -> None:
     parser.add_argument(
         "--candidates",
         nargs="*",
-        type=lambda v: tuple(int(x) for x in v.split("x")),
-        default=[(128, 32)],
-        help="candidate settings for --real, as DIMxTOP (e.g. 128x32 64x32)",
+        type=lambda v: (int(v.split(":")[0]), v.split(":")[1]),
+        default=[(512, "bfloat16"), (512, "float32"), (384, "bfloat16")],
+        help="bounded-search settings for --real, as DIM:DTYPE (e.g. 512:bfloat16 384:float32)",
     )
     args = parser.parse_args()
     if args.threads:

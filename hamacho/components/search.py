@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hamacho.components.bounded import BoundedNearest, fast_dtype
 from hamacho.errors import ArtifactError, ConfigError, DataError, HamachoError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ _OPTIONS = {
 _ROWS = 65536  # rows converted to float32 at a time when feeding faiss
 _NORM_ROWS = 4096  # rows converted to float32 at a time for the bank's norms
 _BANK_BLOCK = 1024  # bank rows per score tile of the torch backend
+_BOUND_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _import_faiss(backend: str) -> ModuleType:
@@ -98,6 +100,7 @@ class NearestNeighbourSearch:
         device: str | torch.device | None = None,
         candidates_dim: int = 0,
         rerank: int = 32,
+        bound_dtype: str = "auto",
         **options: Any,
     ) -> None:
         if device is None:
@@ -121,8 +124,15 @@ class NearestNeighbourSearch:
                 f"candidates_dim needs an exact backend (torch, faiss_flat) to stay exact, got "
                 f"'{self.backend}'"
             )
-        # exact search through candidates from a PCA of the bank (see _search_projected)
+        if bound_dtype != "auto" and bound_dtype not in _BOUND_DTYPES:
+            raise ConfigError(f"bound_dtype must be auto, bfloat16 or float32, got {bound_dtype!r}")
+        # exact search through candidates from a PCA of the bank: the nearest neighbour through
+        # lower bounds (BoundedNearest), k > 1 through re-ranked PCA neighbours
         self.candidates_dim, self.rerank = int(candidates_dim), int(rerank)
+        self.bound_dtype = (
+            fast_dtype(self.device) if bound_dtype == "auto" else _BOUND_DTYPES[bound_dtype]
+        )
+        self._bounded: BoundedNearest | None = None
         self._candidates: NearestNeighbourSearch | None = None  # search in the PCA space
         self._pca: tuple[torch.Tensor, torch.Tensor] | None = None  # mean (D,), basis (D, p)
         self._low_max_sq = 0.0  # largest squared norm of the bank's PCA coordinates
@@ -178,7 +188,7 @@ class NearestNeighbourSearch:
             )
         self._shape = (bank.shape[0], bank.shape[1])
         self._index = self._bank = self._bank_sq = None
-        self._candidates = self._pca = None
+        self._candidates = self._pca = self._bounded = None
         if self.candidates_dim and bank.shape[1] >= 2 * self.candidates_dim:
             self._fit_torch(bank)  # the full bank, for the exact re-ranking
             self._fit_projected(pca_basis(self._fitted_bank(), self.candidates_dim))
@@ -208,6 +218,7 @@ class NearestNeighbourSearch:
         self._low_max_sq = float(low.square().sum(1).max())
         self._candidates = NearestNeighbourSearch(self.backend, self.device, **self.options)
         self._candidates.fit(low)
+        self._bounded = BoundedNearest(bank, *self._pca, self.bound_dtype)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """(M, D) -> (M, p) coordinates in the bank's PCA basis (orthonormal, so contracting)."""
@@ -267,7 +278,9 @@ class NearestNeighbourSearch:
             raise DataError(f"queries must be (M, {d}) like the bank, got {tuple(queries.shape)}")
         if not 1 <= k <= n:
             raise ConfigError(f"k={k} neighbours requested but the bank holds {n} vectors")
-        if self._candidates is not None:
+        if self._bounded is not None and k == 1:
+            dist, idx = self._search_bounded(queries)
+        elif self._candidates is not None:
             dist, idx = self._search_projected(queries, k)
         elif self.backend == "torch":
             dist, idx = self._search_torch(queries, k)
@@ -275,6 +288,16 @@ class NearestNeighbourSearch:
             dist, idx = self._search_faiss(queries, k)
         dist = dist.clamp_min_(0)
         return (dist if squared else dist.sqrt_()), idx
+
+    def _search_bounded(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact nearest row: lower bounds prune the bank (see BoundedNearest)."""
+        if self._bounded is None:
+            raise HamachoError("no bounds: call fit(bank) first")
+        dist, idx, redo = self._bounded.nearest(queries)
+        self.last_uncertain = len(redo)
+        if len(redo):
+            dist[redo], idx[redo] = (t[:, 0] for t in self._search_torch(queries[redo], 1))
+        return dist[:, None], idx[:, None]
 
     def _search_projected(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k from the ``rerank`` nearest in the PCA space, re-ranked in full dimension.

@@ -4,32 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from hamacho.components.bounded import BoundedNearest, fast_dtype
 from hamacho.components.search import pca_basis
 
 _TILE = 2**22  # floats per (queries x bank) distance tile
 
 
 class OtherImageSearch:
-    """Exact nearest bank row from another image, with candidates from a PCA of the bank.
+    """Exact nearest bank row from another image, pruned by PCA lower bounds.
 
-    Own-image rows are masked out of the candidate search itself, so no query loses its
-    candidates. The basis is orthonormal, so a row's PCA distance never exceeds its true
-    distance: when the best exact distance among a query's ``rerank`` candidates is at most
-    the last candidate's PCA distance, no other row is nearer. The few queries without that
-    certificate get the exact masked search. ``source`` (N,) is the image of each bank row.
+    Own-image rows are masked out of the bounds themselves (see ``BoundedNearest``), so no
+    query loses its candidates; the few queries the bounds cannot settle get the exact masked
+    search. ``source`` (N,) is the image of each bank row.
     """
 
-    def __init__(self, bank: torch.Tensor, source: torch.Tensor, dim: int, rerank: int) -> None:
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        source: torch.Tensor,
+        dim: int,
+        dtype: torch.dtype | None = None,  # of the bounds; None: bfloat16 where it is fast
+    ) -> None:
         self.full = bank.float()  # once per pass, not per batch
         self.full_sq = self.full.square().sum(1)
         self.source = source.to(bank.device)
-        self.rerank = max(1, min(rerank, len(bank)))
         self.last_uncertain = 0  # queries of the last call that needed the exact search
-        self.low: torch.Tensor | None = None  # the bank's PCA coordinates (N, dim)
+        self.bounded: BoundedNearest | None = None
         if dim and bank.shape[1] >= 2 * dim:
-            self.mean, self.basis = pca_basis(self.full, dim)
-            self.low = (self.full - self.mean) @ self.basis
-            self.low_sq = self.low.square().sum(1)
+            mean, basis = pca_basis(self.full, dim)
+            dtype = dtype or fast_dtype(bank.device)
+            self.bounded = BoundedNearest(bank, mean, basis, dtype)
 
     def nearest(
         self, queries: torch.Tensor, owner: torch.Tensor
@@ -37,34 +41,16 @@ class OtherImageSearch:
         """Distance (M,) and bank index (M,) of each query's nearest row from image != owner."""
         queries = queries.to(self.full.device, torch.float32)
         owner = owner.to(self.full.device)
-        if self.low is None:
+        if self.bounded is None:
             return masked_nearest(self.full, self.full_sq, self.source, queries, owner)
-        dist = torch.empty(len(queries))
-        idx = torch.empty(len(queries), dtype=torch.int64)
-        uncertain = []
-        step = max(1, _TILE // len(self.full))
-        for s in range(0, len(queries), step):
-            q, own = queries[s : s + step], owner[s : s + step]
-            lq = (q - self.mean) @ self.basis
-            lq_sq = lq.square().sum(1)
-            low = torch.addmm(self.low_sq, lq, self.low.T, alpha=-2) + lq_sq[:, None]
-            low.masked_fill_(self.source[None] == own[:, None], torch.inf)
-            low_d, cand = low.topk(self.rerank, dim=1, largest=False, sorted=True)
-            exact = (self.full[cand] - q[:, None]).square_().sum(-1)  # (m, rerank) squared
-            exact.masked_fill_(low_d.isinf(), torch.inf)  # fewer other rows than candidates
-            best_d, best = exact.min(dim=1)
-            # float32 rounding of the PCA distances is ~1e-6 of the squared norms: keep a margin
-            bound = low_d[:, -1] - 1e-5 * (lq_sq + self.low_sq.max())
-            uncertain.append((best_d > bound).nonzero()[:, 0] + s)
-            dist[s : s + step] = best_d.clamp_min(0).sqrt().cpu()
-            idx[s : s + step] = cand.gather(1, best[:, None])[:, 0].cpu()
-        redo = torch.cat(uncertain)
+        dist, idx, redo = self.bounded.nearest(queries, exclude=(owner, self.source))
         self.last_uncertain = len(redo)
         if len(redo):
             dist[redo], idx[redo] = masked_nearest(
                 self.full, self.full_sq, self.source, queries[redo], owner[redo]
             )
-        return dist, idx
+            dist[redo] = dist[redo].square()
+        return dist.clamp_min(0).sqrt(), idx
 
 
 def masked_nearest(

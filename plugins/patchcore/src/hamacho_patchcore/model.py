@@ -38,10 +38,10 @@ class PatchCoreConfig:
     projection_dim: int = 128
     score: str = "max"
     num_neighbors: int = 9
-    loo_candidates: int = 32  # leave-one-out: other-image PCA candidates re-ranked exactly
+    loo_candidates: int = 32  # no effect: kept so runs saved with it load (bounds replaced it)
     search: str = "auto"
-    search_candidates_dim: int = 256  # exact search via candidates from a PCA (0 = plain)
-    search_rerank: int = 32  # candidates re-ranked exactly in full dimension
+    search_candidates_dim: int = 512  # exact search pruned by PCA lower bounds (0 = plain)
+    search_rerank: int = 32  # k > 1 (score: paper): PCA neighbours re-ranked exactly
     sigma: float = 4.0
     border: str = "reflect"  # blur border: reflect (scipy, the references) | mirror
     feature_dtype: str = "float16"  # patch features held during fit and the memory bank
@@ -340,12 +340,7 @@ class PatchCore(Model):
         if bool((self.bank_source == self.bank_source[0]).all()):
             return None  # one training image: there is no other image to score it against
         scores, images = [], 0
-        other = loo.OtherImageSearch(
-            self.bank,
-            self.bank_source,
-            self.config.search_candidates_dim,
-            self.config.loo_candidates,
-        )
+        other = loo.OtherImageSearch(self.bank, self.bank_source, self.config.search_candidates_dim)
         # the paper's re-weighting reads the bank in float32 on the CPU: convert it once
         paper_bank = other.full.cpu() if self.config.score == "paper" else None
         for batch in train_loader:
