@@ -229,6 +229,19 @@ def cycled_batches(images: torch.Tensor, size: int, total: int = 0) -> Iterator[
         yield batch
 
 
+def timed(fn: Callable[[], Any], repeats: int, warmup: bool = False) -> tuple[list[float], Any]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (after one untimed call if ``warmup``), and
+    the last call's result."""
+    if warmup:
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
 def measure_fit(fit: Callable[[], None]) -> dict[str, float]:
     """Run ``fit`` once: seconds, peak RSS during it (MiB) and how far above the start it rose."""
     before = rss_mb()

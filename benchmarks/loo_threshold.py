@@ -12,24 +12,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import timed
 from hamacho_patchcore import loo
 
 from hamacho import engine
 from hamacho.components import data
 from hamacho.runtime import batch_loader
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
 
 
 def main() -> None:
@@ -53,19 +44,19 @@ def main() -> None:
         n, p, d = emb.shape
         queries = emb.reshape(n * p, d)
         owner = torch.arange(n, dtype=torch.int32).repeat_interleave(p)
-        times, _ = _timed(lambda: net.search.search(queries, k=1), args.repeats)
+        times, _ = timed(lambda: net.search.search(queries, k=1), args.repeats)
         rows.append(("scoring search (k=1)", times))
-        times, other = _timed(
+        times, other = timed(
             lambda: loo.OtherImageSearch(
                 net.bank, net.bank_source, cfg.model.search_candidates_dim
             ),
             args.repeats,
         )
         rows.append(("loo setup (once per pass)", times))
-        times, (dist, _) = _timed(lambda: other.nearest(queries, owner), args.repeats)
+        times, (dist, _) = timed(lambda: other.nearest(queries, owner), args.repeats)
         rows.append(("loo search", times))
         if args.exact:
-            times, (ref, _) = _timed(
+            times, (ref, _) = timed(
                 lambda: loo.masked_nearest(other.full, other.full_sq, other.source, queries, owner),
                 1,
             )

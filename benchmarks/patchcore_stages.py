@@ -11,49 +11,39 @@ of --repeats passes, with the min-max spread.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import timed
 
 from hamacho import engine
 from hamacho.components import data
 from hamacho.preprocess import Preprocess
 
-
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
+warm = functools.partial(timed, warmup=True)  # a first untimed call: caches, lazy set-up
 
 
 def _stages(net: Any, pre: Preprocess, paths: list, repeats: int) -> dict[str, list[float]]:
     """Seconds per pass of each stage over ``paths`` as one batch."""
     out: dict[str, list[float]] = {}
-    out["decode"], uint8 = _timed(
+    out["decode"], uint8 = warm(
         lambda: [data.pil_to_uint8(data.read_image(p)) for p in paths], repeats
     )
-    out["preprocess"], x = _timed(lambda: torch.cat([pre(u[None]) for u in uint8]), repeats)
+    out["preprocess"], x = warm(lambda: torch.cat([pre(u[None]) for u in uint8]), repeats)
     step = net.embedder.chunk or len(paths)  # images per backbone call, as predict() runs it
     chunks = [x[s : s + step] for s in range(0, len(paths), step)]
-    out["backbone"], feats = _timed(
+    out["backbone"], feats = warm(
         lambda: [list(net.aggregator(c).values()) for c in chunks], repeats
     )
-    out["embedding"], parts = _timed(
-        lambda: [net.embedder.embed_features(f) for f in feats], repeats
-    )
+    out["embedding"], parts = warm(lambda: [net.embedder.embed_features(f) for f in feats], repeats)
     emb, grid = torch.cat([e for e, _ in parts]), parts[0][1]
     queries = emb.reshape(-1, emb.shape[-1])
-    out["search"], (dist, _) = _timed(lambda: net.search.search(queries, k=1), repeats)
+    out["search"], (dist, _) = warm(lambda: net.search.search(queries, k=1), repeats)
     patch = dist.reshape(len(paths), *grid)
-    out["map"], _ = _timed(lambda: net.anomaly_map(patch, tuple(x.shape[-2:])), repeats)
-    out["predict() (backbone..map)"], _ = _timed(lambda: net.predict(x), repeats)
+    out["map"], _ = warm(lambda: net.anomaly_map(patch, tuple(x.shape[-2:])), repeats)
+    out["predict() (backbone..map)"], _ = warm(lambda: net.predict(x), repeats)
     return out
 
 
