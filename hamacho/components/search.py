@@ -211,14 +211,22 @@ class NearestNeighbourSearch:
         self._bank_sq.square_()
 
     def _fit_projected(self, pca: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Index the bank's PCA coordinates with this object's backend."""
+        """Bound the bank in its PCA basis; the k > 1 candidate index waits for a k > 1 search."""
         self._pca = (pca[0].to(self.device), pca[1].to(self.device))
-        bank = self._fitted_bank()
-        low = torch.cat([self._project(bank[s : s + _ROWS]) for s in range(0, len(bank), _ROWS)])
-        self._low_max_sq = float(low.square().sum(1).max())
-        self._candidates = NearestNeighbourSearch(self.backend, self.device, **self.options)
-        self._candidates.fit(low)
-        self._bounded = BoundedNearest(bank, *self._pca, self.bound_dtype)
+        self._bounded = BoundedNearest(self._fitted_bank(), *self._pca, self.bound_dtype)
+
+    def _candidate_index(self) -> NearestNeighbourSearch:
+        """The bank's PCA coordinates indexed with this object's backend, built on first use:
+        only k > 1 searches (the paper's re-weighting) read it, so k = 1 runs never hold it."""
+        if self._candidates is None:
+            bank = self._fitted_bank()
+            low = torch.cat(
+                [self._project(bank[s : s + _ROWS]) for s in range(0, len(bank), _ROWS)]
+            )
+            self._low_max_sq = float(low.square().sum(1).max())
+            self._candidates = NearestNeighbourSearch(self.backend, self.device, **self.options)
+            self._candidates.fit(low)
+        return self._candidates
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """(M, D) -> (M, p) coordinates in the bank's PCA basis (orthonormal, so contracting)."""
@@ -280,7 +288,7 @@ class NearestNeighbourSearch:
             raise ConfigError(f"k={k} neighbours requested but the bank holds {n} vectors")
         if self._bounded is not None and k == 1:
             dist, idx = self._search_bounded(queries)
-        elif self._candidates is not None:
+        elif self._pca is not None:
             dist, idx = self._search_projected(queries, k)
         elif self.backend == "torch":
             dist, idx = self._search_torch(queries, k)
@@ -307,12 +315,11 @@ class NearestNeighbourSearch:
         distance, no other row can be nearer and the answer is exact. The few queries without
         that certificate get the exact full search.
         """
-        if self._candidates is None:
-            raise HamachoError("no candidate index: call fit(bank) first")
+        candidates = self._candidate_index()
         bank = self._fitted_bank()
         kk = min(len(bank), max(k, self.rerank))
         low = self._project(queries)
-        low_sq, cand = self._candidates.search(low, k=kk, squared=True)  # (M, kk), nearest first
+        low_sq, cand = candidates.search(low, k=kk, squared=True)  # (M, kk), nearest first
         dist = torch.empty((len(queries), k), dtype=torch.float32)
         idx = torch.empty((len(queries), k), dtype=torch.int64)
         step = max(1, 2**22 // (kk * bank.shape[1]))  # bounds the (m, kk, D) gather

@@ -77,6 +77,8 @@ def test_bound_dtype_is_checked_and_k_above_one_stays_exact():
         NearestNeighbourSearch("torch", candidates_dim=8, bound_dtype="int8")
     bank, queries = _features(800, 60)
     nn = NearestNeighbourSearch("torch", candidates_dim=16).fit(bank)
+    nn.search(queries, k=1)
+    assert nn._candidates is None  # the k > 1 index is built only when a k > 1 search needs it
     dist, idx = nn.search(queries, k=3)
     ref = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
     assert torch.equal(idx, ref.indices)
