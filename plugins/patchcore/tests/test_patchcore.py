@@ -461,6 +461,21 @@ def test_other_image_search_is_exact_through_bounds(dtype: torch.dtype) -> None:
     torch.testing.assert_close(dist, brute.min(dim=1).values.float(), rtol=1e-5, atol=1e-5)
     assert (source[idx] != owner).all()
     assert other.last_uncertain < len(queries) // 10  # the bounds did the work
+    crowd = bank.clone()
+    crowd[300:] = bank[299]  # 301 equal rows: more than the bounds re-rank, so the fallback
+    crowd_source = source.clone()
+    crowd_source[299:], crowd_source[0] = 5, 6
+    crowded = loo.OtherImageSearch(crowd, crowd_source, dim=16, dtype=dtype)
+    near = crowd[299:300] + 0.05
+    d2, i2 = crowded.nearest(torch.cat([near, near]), torch.tensor([6, 5], dtype=torch.int32))
+    assert crowded.last_uncertain >= 1
+    ref = torch.cdist(near.double(), crowd.double())[0]
+    assert i2[0] == 299  # the lowest of the equal rows; image 6 owns only row 0
+    # the fallback's |q|^2 + |b|^2 - 2 q.b in float32 keeps ~4 digits of a small distance
+    assert torch.allclose(d2[0].double(), ref.min(), rtol=1e-3)
+    ref[crowd_source == 5] = torch.inf  # image 5's own rows left out
+    assert crowd_source[i2[1]] != 5
+    assert torch.allclose(d2[1].double(), ref.min(), rtol=1e-3)
     lonely = torch.full((1,), 99, dtype=torch.int32)  # an owner of no row: nothing masked
     d1, i1 = other.nearest(queries[:1], lonely)
     assert torch.allclose(d1.double(), torch.cdist(queries[:1].double(), bank.double()).min())

@@ -43,14 +43,14 @@ class OtherImageSearch:
         owner = owner.to(self.full.device)
         if self.bounded is None:
             return masked_nearest(self.full, self.full_sq, self.source, queries, owner)
-        dist, idx, redo = self.bounded.nearest(queries, exclude=(owner, self.source))
+        squared, idx, redo = self.bounded.nearest(queries, exclude=(owner, self.source))
+        dist = squared.clamp_min_(0).sqrt_()
         self.last_uncertain = len(redo)
         if len(redo):
             dist[redo], idx[redo] = masked_nearest(
                 self.full, self.full_sq, self.source, queries[redo], owner[redo]
             )
-            dist[redo] = dist[redo].square()
-        return dist.clamp_min(0).sqrt(), idx
+        return dist, idx
 
 
 def masked_nearest(
