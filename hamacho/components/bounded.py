@@ -18,7 +18,8 @@ _WIDTH = 64  # bank rows per block whose smallest bound is taken first
 _TILE_BYTES = 2**25  # the (queries x bank) bound matrix of one query block
 _PAIR_CHUNK = 2048  # candidate rows gathered at a time for the exact distances
 _MAX_CANDIDATES = 256  # per query; beyond it the plain exact search is cheaper
-# Rounding of the bound, as a multiple of |q| |b| (both centred) and of |b|^2 (see _rounding).
+# Slack for the bound's rounding: a multiple of |q| |b| (both centred) and of |b|^2 (see
+# BoundedNearest).
 _SLACK = {torch.bfloat16: (0.04, 2**-7), torch.float32: (2e-3, 1e-6)}
 
 
@@ -68,7 +69,6 @@ class BoundedNearest:
         bias = torch.full((rows,), 1e30, device=bank.device)
         bias[:n] = sq * (1 - per_b) * (1 - 2**-8)
         self.bias = bias.to(dtype)
-        self.last_uncertain = 0
 
     def nearest(
         self, queries: torch.Tensor, exclude: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -79,25 +79,23 @@ class BoundedNearest:
         the query's owner (leave-one-out: the rows of the query's own image).
         """
         device = self.bank.device
-        source = None
-        if exclude is not None:
-            source = torch.full((self.coords.shape[0],), -1, dtype=torch.int64, device=device)
-            source[: len(self.bank)] = exclude[1].to(device)
         rows = self.coords.shape[0]
+        mask_by = None  # (owner (M,), source (rows,)) on the device
+        if exclude is not None:
+            source = torch.full((rows,), -1, dtype=torch.int64, device=device)  # padding: none
+            source[: len(self.bank)] = exclude[1].to(device)
+            mask_by = (exclude[0].to(device), source)
         step = max(1, _TILE_BYTES // (2 * rows))
         dist = torch.full((len(queries),), torch.inf)
         idx = torch.zeros(len(queries), dtype=torch.int64)
         uncertain = []
         for s in range(0, len(queries), step):
             q = queries[s : s + step].to(device, torch.float32)
-            own = None
-            if source is not None and exclude is not None:
-                own = source[None] == exclude[0][s : s + step].to(device)[:, None]
+            own = None if mask_by is None else mask_by[1][None] == mask_by[0][s : s + step, None]
             d_, i_, lost = self._block(q, own)
             dist[s : s + len(q)], idx[s : s + len(q)] = d_.cpu(), i_.cpu()
             uncertain.append(lost.cpu() + s)
         redo = torch.cat(uncertain) if uncertain else torch.zeros(0, dtype=torch.int64)
-        self.last_uncertain = len(redo)
         return dist, idx, redo
 
     def _bounds(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
