@@ -39,6 +39,18 @@ def _model(**overrides: object) -> PatchCore:
     return PatchCore(cfg.model, make_components(cfg))
 
 
+def test_a_retired_setting_says_it_has_no_effect(caplog: pytest.LogCaptureFixture) -> None:
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "hamacho.patchcore"]
+
+    with caplog.at_level(logging.WARNING, logger="hamacho.patchcore"):
+        _model()
+        assert not said()  # the default, as older runs saved it: silent
+        _model(loo_candidates=8)
+    (line,) = said()
+    assert line.startswith("model.loo_candidates has no effect") and "drop the setting" in line
+
+
 def _images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

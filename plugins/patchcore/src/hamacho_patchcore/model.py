@@ -55,6 +55,11 @@ def _check(config: PatchCoreConfig) -> None:
     if config.aggregation == "recipe":  # its old name (artifacts saved before the rename)
         log.warning("model.aggregation=recipe is now called 'mean'; loading it as mean")
         config.aggregation = "mean"
+    if config.loo_candidates != PatchCoreConfig.loo_candidates:
+        log.warning(
+            "model.loo_candidates has no effect: the leave-one-out threshold prunes with the "
+            "search's lower bounds (model.search_candidates_dim); drop the setting"
+        )
     if config.aggregation not in _AGGREGATIONS:
         raise ConfigError(
             f"model.aggregation must be one of {', '.join(_AGGREGATIONS)}, got "
