@@ -36,7 +36,9 @@ def test_bounds_never_exceed_the_true_squared_distance(dtype, scale):
     queries = torch.cat([queries, queries[:50] * 4, bank[:50] + 0 * queries[:50]])
     mean, basis = pca_basis(bank, 32)
     nearest = BoundedNearest(bank, mean, basis, getattr(torch, dtype))
-    bounds, sq = nearest._bounds(queries)
+    tiles, sq, smallest = nearest._bounds(queries)
+    bounds = tiles.permute(1, 0, 2).reshape(len(queries), -1)  # (queries, rows) in bank order
+    torch.testing.assert_close(smallest, bounds.view(len(queries), -1, 64).amin(2).float())
     true = torch.cdist(queries.double(), bank.double()).square()
     lower = bounds[:, : len(bank)].double() + sq.double()[:, None]
     assert bool((lower <= true + 1e-6 * (true + sq.double()[:, None])).all())
