@@ -166,12 +166,13 @@ class BoundedNearest:
         pi, wi = (blocks[bi // k, qi, bi % k].float() <= limit[qi, None]).nonzero(as_tuple=True)
         row, col = qi[pi], bi[pi] * _WIDTH + wi  # candidate pairs, sorted by query
         counts = torch.bincount(row, minlength=m)
-        keep = counts[row] <= _MAX_CANDIDATES
+        keep = (counts[row] <= _MAX_CANDIDATES) & (col != j0[row])  # j0's distance is known
         row, col = row[keep], col[keep]
         exact = torch.empty(len(row), device=q.device)
         for s in range(0, len(row), _PAIR_CHUNK):
             vecs = self.bank.index_select(0, col[s : s + _PAIR_CHUNK]).float()
             exact[s : s + _PAIR_CHUNK] = vecs.sub_(q[row[s : s + _PAIR_CHUNK]]).square_().sum(1)
+        row, col, exact = torch.cat([row, here]), torch.cat([col, j0]), torch.cat([exact, upper])
         best = torch.full((m,), torch.inf, device=q.device).scatter_reduce(0, row, exact, "amin")
         # the lowest bank index among equally near rows, as the plain search answers
         tied = exact == best[row]
