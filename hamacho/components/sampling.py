@@ -67,11 +67,13 @@ class CoresetSampler:
             torch.matmul(chunk, matrix, out=out[start : start + _ROWS])
         return out
 
-    def select(self, projected: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def select(self, projected: torch.Tensor | list[torch.Tensor], keep: int = 0) -> torch.Tensor:
         """Greedy k-center over rows of `projected` (N, d): LongTensor of size() row indices.
 
         A list of (n_i, d) chunks counts as their concatenation and is consumed (emptied) while
-        the working copy is filled, so the rows are never held twice.
+        the working copy is filled, so the rows are never held twice. With ``keep``, the first
+        ``keep`` rows are centres already (a coreset being grown): they come first, and the
+        greedy picks the rest as if it had picked them itself.
         """
         chunks = projected if isinstance(projected, list) else [projected]
         shapes = [tuple(c.shape) for c in chunks]
@@ -99,8 +101,13 @@ class CoresetSampler:
             del chunk
         points[:, d] = torch.linalg.vector_norm(points[:, :d], dim=1).square_()
         points[:, d + 1] = 1
+        size = self.size(n)
+        if not 0 <= keep <= size:
+            raise ConfigError(f"coreset keep={keep} must be in [0, {size}] (the coreset size)")
+        if keep:
+            return _KCenter(points, skip=keep).run(torch.arange(keep), size).cpu()
         first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
-        return _KCenter(points).run(first, self.size(n)).cpu()
+        return _KCenter(points).run(torch.tensor([first]), size).cpu()
 
     def sample(self, features: torch.Tensor) -> torch.Tensor:
         """Project then select: row indices of the coreset of `features` (N, D)."""
@@ -120,22 +127,27 @@ class _KCenter:
 
     pool_size = 4096  # (4096, d+2) float32 stays in L2 cache; 4k-16k timed alike
 
-    def __init__(self, points: torch.Tensor) -> None:
+    def __init__(self, points: torch.Tensor, skip: int = 0) -> None:
         self.points = points  # (N, d+2)
+        self.skip = skip  # rows [0, skip) are centres from the start: never scored
         w = points.shape[1]
         device = points.device
         # point row [c, ||c||^2, 1] -> centre vector [-2c, 1, ||c||^2]
         self.perm = torch.cat([torch.arange(w - 2), torch.tensor([w - 1, w - 2])]).to(device)
         self.scale = torch.cat([torch.full((w - 2,), -2.0), torch.ones(2)]).to(device)
         self.min_dist = torch.full((points.shape[0],), math.inf, device=device)
+        self.min_dist[:skip] = -math.inf
         self.folded = 0  # selected[:folded] are reflected in min_dist
 
-    def run(self, first: int, size: int) -> torch.Tensor:
+    def run(self, initial: torch.Tensor, size: int) -> torch.Tensor:
+        """``size`` row indices: ``initial`` (the first centres), then the greedy's picks."""
         # One host sync per pick (the bound check) buys skipping ~97 % of the memory traffic.
         selected = torch.empty(size, dtype=torch.long, device=self.points.device)
-        selected[0] = first
-        self._refresh(selected, 1)
-        for i in range(1, size):
+        selected[: len(initial)] = initial.to(selected.device)
+        if len(initial) == size:
+            return selected
+        self._refresh(selected, len(initial))
+        for i in range(len(initial), size):
             best, top = self.pool_dist.max(0)
             if best.item() < self.bound:  # a point outside the pool may be farther
                 self._refresh(selected, i)
@@ -153,7 +165,7 @@ class _KCenter:
         new = selected[self.folded : count]
         centres = (self.points[new][:, self.perm] * self.scale).T.contiguous()  # (d+2, B)
         n = self.points.shape[0]
-        for r in range(0, n, 16384):  # (16384, 1024) float32 score blocks: 64 MB
+        for r in range(self.skip, n, 16384):  # (16384, 1024) float32 score blocks: 64 MB
             block = self.points[r : r + 16384]
             for c in range(0, centres.shape[1], 1024):
                 scores = torch.mm(block, centres[:, c : c + 1024]).amin(1)

@@ -17,12 +17,15 @@ def _clusters(n_clusters: int = 8, per: int = 100, d: int = 16, spread: float = 
     return centres[labels] + spread * torch.randn(len(labels), d, generator=g), labels
 
 
-def _greedy_reference(points: torch.Tensor, first: int, size: int) -> list[int]:
-    """Textbook greedy k-center in float64: all N distances per pick."""
+def _greedy_reference(points: torch.Tensor, first: int | list[int], size: int) -> list[int]:
+    """Textbook greedy k-center in float64 from the centre(s) ``first``: all N distances per
+    pick."""
     x = points.double()
-    chosen = [first]
+    chosen = [first] if isinstance(first, int) else list(first)
     min_dist = torch.full((len(x),), math.inf, dtype=torch.float64)
-    for _ in range(size - 1):
+    for c in chosen[:-1]:
+        min_dist = torch.minimum(min_dist, (x - x[c]).square().sum(1))
+    for _ in range(size - len(chosen)):
         min_dist = torch.minimum(min_dist, (x - x[chosen[-1]]).square().sum(1))
         min_dist[chosen] = -math.inf
         chosen.append(int(min_dist.argmax()))
@@ -78,6 +81,21 @@ def test_coreset_select_matches_textbook_greedy(monkeypatch, pool_size):
     points, _ = _clusters(spread=1.0)
     idx = CoresetSampler(ratio=0.25, seed=1).select(points)
     assert idx.tolist() == _greedy_reference(points, int(idx[0]), len(idx))
+
+
+@pytest.mark.parametrize("pool_size", [8, 4096])
+def test_coreset_grown_from_kept_rows_continues_the_textbook_greedy(monkeypatch, pool_size):
+    monkeypatch.setattr(sampling._KCenter, "pool_size", pool_size)
+    points, _ = _clusters(spread=1.0)
+    kept = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(2))][:40]
+    rows = torch.cat([kept, points])  # a bank of 40 rows first, then 800 new ones
+    sampler = CoresetSampler(ratio=0.1, seed=1)  # 84 of 840
+    idx = sampler.select([kept.clone(), points.clone()], keep=40)
+    assert idx[:40].tolist() == list(range(40))
+    assert idx.tolist() == _greedy_reference(rows, list(range(40)), 84)
+    assert torch.equal(sampler.select(rows, keep=84), torch.arange(84))  # all kept: no picks
+    with pytest.raises(ConfigError, match="keep=85"):
+        sampler.select(rows, keep=85)
 
 
 def test_coreset_picks_one_point_per_separated_cluster():

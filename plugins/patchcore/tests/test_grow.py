@@ -30,11 +30,12 @@ def _batches(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 def test_update_keeps_ratio_of_all_patches_and_leave_one_out_of_the_new_images():
     model = _model(coreset_ratio=0.25)
     model.fit(_batches(_images(5, 0)))
-    patches = model.train_patches
+    patches, old = model.train_patches, model.bank.clone()
     new = _images(3, 1)
     model.update(_batches(new))
     assert model.train_patches == patches * 8 // 5
     assert len(model.bank) == math.ceil(0.25 * model.train_patches)
+    assert torch.equal(model.bank[: len(old)], old)  # the old coreset stays; the greedy grows it
     assert set(model.bank_source.unique().tolist()) <= set(range(8))
     scores = model.training_scores(_batches(new))
     # by hand: each new image's worst patch against the bank rows of every other image

@@ -232,7 +232,7 @@ class PatchCore(Model):
         if images == 0:
             raise DataError("PatchCore.update got no images; check the folder's train/good")
         patches = self.train_patches + sum(len(c) for c in chunks[1:])
-        self._reduce(chunks, sources, patches)
+        self._reduce(chunks, sources, patches, keep=len(bank))
         self._source_base = base
 
     def merge(self, others: Sequence[Model]) -> None:
@@ -269,9 +269,14 @@ class PatchCore(Model):
         return self.bank, self.bank_source
 
     def _reduce(
-        self, chunks: list[torch.Tensor], sources: list[torch.Tensor], patches: int
+        self, chunks: list[torch.Tensor], sources: list[torch.Tensor], patches: int, keep: int = 0
     ) -> None:
-        """Keep a greedy coreset of the rows of ``chunks`` sized as a fit on ``patches`` would."""
+        """Keep a greedy coreset of the rows of ``chunks`` sized as a fit on ``patches`` would.
+
+        ``keep``: the first ``keep`` rows are a coreset already (the bank being updated); they
+        stay, as the greedy's first picks, while the target leaves room for them (else the
+        greedy re-reduces all rows, e.g. at ``max_bank_size``).
+        """
         rows = sum(len(c) for c in chunks)
         target = max(1, math.ceil(patches * self.config.coreset_ratio))
         target = min(rows, target, self.config.max_bank_size or target)
@@ -283,7 +288,8 @@ class PatchCore(Model):
                 projection_dim=self.config.projection_dim,
                 seed=self.config.seed,
             )
-            index = sampler.select([sampler.project(c) for c in chunks])
+            keep = keep if keep <= target else 0
+            index = sampler.select([sampler.project(c) for c in chunks], keep=keep)
         self.bank = _gather_rows(chunks, index)
         self.bank_source = torch.cat(sources)[index.cpu()]
         self.train_patches = patches
