@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from hamacho.components import metrics
 
@@ -299,6 +298,8 @@ def _figure(parts: list[str], label: str, legend: list[tuple[str, str, str]]) ->
 def _roc_svg(labels: np.ndarray, scores: np.ndarray, result: dict[str, Any]) -> str:
     if len(set(labels.tolist())) < 2:
         return "<p class='empty'>The ROC curve needs both good and defective test images.</p>"
+    from sklearn.metrics import roc_curve  # on use: sklearn takes ~1 s to import
+
     fpr, tpr, _ = roc_curve(labels, scores)
     box: tuple[Range, Range] = ((0.0, 1.0), (0.0, 1.0))
     parts = _axes(*box, "false positive rate (good images flagged)", "true positive rate")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from hamacho.errors import DataError
 
@@ -68,6 +67,8 @@ def _contour(region: np.ndarray) -> np.ndarray:
     """Inner boundary (H, W) bool of a binary region, _CONTOUR_WIDTH pixels thick."""
     if not region.any():
         return region
+    from scipy import ndimage  # on use: scipy takes ~0.5 s to import
+
     inner = ndimage.binary_erosion(region, iterations=_CONTOUR_WIDTH, border_value=0)
     return region ^ inner
 
