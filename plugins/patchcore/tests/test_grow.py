@@ -46,6 +46,18 @@ def test_update_keeps_ratio_of_all_patches_and_leave_one_out_of_the_new_images()
         assert torch.allclose(scores[i], want, rtol=1e-4)
 
 
+def test_update_at_max_bank_size_re_reduces_old_rows_and_new_patches_together():
+    model = _model(coreset_ratio=0.25)
+    model.fit(_batches(_images(4, 0)))
+    capped = _model(coreset_ratio=0.25, max_bank_size=len(model.bank))
+    capped.fit(_batches(_images(4, 0)))
+    # a new variant, far from the old images; the target (a bank's worth) leaves no room to grow
+    capped.update(_batches(_images(4, 1) * 4 + 3))
+    assert len(capped.bank) == len(model.bank)
+    sources = set(capped.bank_source.unique().tolist())
+    assert sources & set(range(4)) and sources & set(range(4, 8))  # old rows gave way to new
+
+
 def test_merge_keeps_distinct_image_ids_and_caps_at_max_bank_size():
     a, b = _model(), _model()
     a.fit(_batches(_images(4, 2)))

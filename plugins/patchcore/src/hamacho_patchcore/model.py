@@ -274,8 +274,8 @@ class PatchCore(Model):
         """Keep a greedy coreset of the rows of ``chunks`` sized as a fit on ``patches`` would.
 
         ``keep``: the first ``keep`` rows are a coreset already (the bank being updated); they
-        stay, as the greedy's first picks, while the target leaves room for them (else the
-        greedy re-reduces all rows, e.g. at ``max_bank_size``).
+        stay, as the greedy's first picks, while the target leaves room for new rows (else the
+        greedy re-reduces all rows together, e.g. at ``max_bank_size``).
         """
         rows = sum(len(c) for c in chunks)
         target = max(1, math.ceil(patches * self.config.coreset_ratio))
@@ -288,7 +288,7 @@ class PatchCore(Model):
                 projection_dim=self.config.projection_dim,
                 seed=self.config.seed,
             )
-            keep = keep if keep <= target else 0
+            keep = keep if keep < target else 0  # no room to grow: all rows compete
             index = sampler.select([sampler.project(c) for c in chunks], keep=keep)
         self.bank = _gather_rows(chunks, index)
         self.bank_source = torch.cat(sources)[index.cpu()]
