@@ -12,6 +12,7 @@ candidates would be too many are handed back for a plain exact search.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -117,7 +118,7 @@ class BoundedNearest:
         """Scratch memory kept per thread between calls: a fresh one costs a page fault per
         4 KiB on every call (the bound matrix is ~25 MB per image on a 16k-row bank)."""
         kept = getattr(self._kept, name, None)
-        size = int(torch.tensor(shape).prod())
+        size = math.prod(shape)
         if kept is None or kept.numel() < size or kept.dtype != dtype:
             kept = torch.empty(size, dtype=dtype, device=self.bank.device)
             setattr(self._kept, name, kept)
